@@ -1,0 +1,22 @@
+"""Engines an expert can run, behind one protocol (`base.Engine`)."""
+
+from __future__ import annotations
+
+from actors.engines.base import Engine, GenerationRequest
+from orchestration.config import ExpertConfig
+
+
+def make_engine(expert: ExpertConfig) -> Engine:
+    """Build the engine named by the expert's backend; vLLM is imported only when used."""
+    if expert.backend == "mock":
+        from actors.engines.mock import MockEngine
+
+        return MockEngine(expert.name, expert.mock)
+    if expert.backend == "vllm":
+        from actors.engines.vllm import VLLMEngine
+
+        return VLLMEngine(expert.name, expert.model, expert.engine)
+    raise ValueError(f"unknown backend {expert.backend!r}")
+
+
+__all__ = ["Engine", "GenerationRequest", "make_engine"]

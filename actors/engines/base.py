@@ -1,0 +1,49 @@
+"""The engine protocol: the only thing an `ExpertActor` knows about mock or vLLM.
+
+An engine turns a `GenerationRequest` into a stream of text deltas. Cancellation is
+asyncio cancellation: when the actor task is cancelled (`ray.cancel` at a deadline, or
+the caller went away) the engine sees `CancelledError` inside `stream()` and must free
+whatever the request held (vLLM aborts the request) before re-raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+
+class GenerationRequest(BaseModel):
+    """What an engine is asked to generate: one chat turn plus sampling options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Unique per attempt: an engine may still be aborting the previous attempt.
+    request_id: str
+    # Stable across attempts, so a sampling seed derived from it replays the same text.
+    sampling_key: str = ""
+    prompt: str
+    system_prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.7
+    seed: int | None = None
+    # Larger means sooner; engines with their own scheduler map it (vLLM: lower first).
+    priority: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An async text generator an expert can run."""
+
+    async def start(self) -> None:
+        """Load weights / warm up. Called once in the actor before serving."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Yield text deltas; raise `EngineError` (retryable) when the engine fails."""
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters: requests, active, peak_active, cancelled, plus engine specifics."""
+
+    async def shutdown(self) -> None:
+        """Release the engine (GPU memory, background processes)."""

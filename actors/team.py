@@ -1,0 +1,189 @@
+"""Team: starts, attaches to and removes one Chorus team's actors, and runs requests on it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayTaskError
+
+from actors.executor import ExecutorActor
+from actors.expert import ExpertActor
+from actors.router import RouterActor
+from orchestration.config import ChorusConfig, ExpertConfig
+from orchestration.errors import ChorusError, PlacementError
+from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest
+from orchestration.pipeline import finish_stream
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The ChorusError a Ray task raised, rather than Ray's wrapper around it."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ChorusError):
+        return exc.cause
+    return exc
+
+
+def _expert_options(expert: ExpertConfig, name: str, namespace: str) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "get_if_exists": True,
+        # Ray restarts a crashed expert; our executor retries its tasks (so no Ray retries).
+        "max_restarts": expert.max_restarts,
+        "max_task_retries": 0,
+        # Room above the engine's own bound for stats()/ready() calls.
+        "max_concurrency": expert.max_concurrency + 8,
+        **expert.actor_options(),
+    }
+    if expert.env:
+        options["runtime_env"] = {"env_vars": dict(expert.env)}
+    return options
+
+
+def _missing_resources(expert: ExpertConfig) -> str:
+    """Say which resource the cluster lacks for this expert."""
+    wanted = {k: v for k, v in expert.actor_options().items() if k in ("num_gpus", "num_cpus")}
+    wanted = {"GPU" if k == "num_gpus" else "CPU": v for k, v in wanted.items() if v}
+    wanted.update(expert.resources.resources)
+    if expert.resources.accelerator_type:
+        wanted[f"accelerator_type:{expert.resources.accelerator_type}"] = 0.001
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    parts = [
+        f"{key}={need:g} (cluster total {total.get(key, 0):g}, free {free.get(key, 0):g})"
+        for key, need in wanted.items()
+        if free.get(key, 0) < need
+    ]
+    return ", ".join(parts) or "resources it asks for (none free in time)"
+
+
+class Team:
+    """Handles to one running team: experts, executor and router, named in a namespace."""
+
+    def __init__(self, config: ChorusConfig, name: str = "chorus") -> None:
+        self.config = config
+        self.name = name
+        self.namespace = config.server.namespace
+        self.experts: dict[str, ActorHandle] = {}
+        self.executor: ActorHandle | None = None
+        self.router: ActorHandle | None = None
+
+    def actor_name(self, role: str) -> str:
+        return f"{self.name}.{role}"
+
+    @classmethod
+    async def start(cls, config: ChorusConfig, name: str = "chorus") -> Team:
+        """Create (or attach to) the team's actors and wait until every expert is ready."""
+        team = cls(config, name)
+        for expert in config.experts:
+            options = _expert_options(expert, team.actor_name(f"expert.{expert.name}"), team.namespace)
+            team.experts[expert.name] = ExpertActor.options(**options).remote(expert)
+        common = {"namespace": team.namespace, "get_if_exists": True}
+        team.executor = ExecutorActor.options(
+            name=team.actor_name("executor"),
+            max_concurrency=config.executor.max_concurrent_plans,
+            **config.executor.resources.ray_options(),
+            **common,
+        ).remote(config, team.experts)
+        team.router = RouterActor.options(
+            name=team.actor_name("router"),
+            max_concurrency=config.executor.max_concurrent_plans,
+            **config.router.resources.ray_options(),
+            **common,
+        ).remote(config, team.executor)
+        try:
+            await team.wait_ready(config.server.startup_timeout_s)
+        except BaseException:
+            team.shutdown()
+            raise
+        return team
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Fail fast, naming the expert and the resource, when an actor cannot be placed."""
+        assert self.executor is not None and self.router is not None
+        pending = {name: h.ready.remote() for name, h in self.experts.items()}
+        pending["executor"] = self.executor.load.remote()
+        pending["router"] = self.router.set_load_override.remote(None)
+        refs = list(pending.values())
+        ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
+        late = [name for name, ref in pending.items() if ref not in ready]
+        if late:
+            details = [
+                f"expert {name!r} needs {_missing_resources(self.config.expert(name))}"
+                if name in self.experts
+                else f"{name} actor did not start"
+                for name in late
+            ]
+            raise PlacementError(
+                f"cannot place the team within {timeout_s:g}s: " + "; ".join(details),
+                field=f"experts.{late[0]}" if late[0] in self.experts else None,
+            )
+        await asyncio.gather(*refs)  # surface an expert whose engine failed to start
+
+    async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
+        """One request end to end: plan, dispatch, guard, fusion; ends in done or error.
+
+        Errors before the plan is accepted (bad input, full queue) are raised, so a
+        server can still answer 4xx/429; after it, they become the terminal `error` event.
+        """
+        assert self.router is not None and self.executor is not None
+        try:
+            plan = await self.router.plan.remote(request)
+            gen = self.executor.stream.options(num_returns="streaming").remote(plan)
+            first = await (await gen.__anext__())
+        except Exception as exc:
+            raise unwrap(exc) from None
+        finished = False
+        try:
+            async for event in finish_stream(first, self._events(gen), self.config, self._synthesize):
+                finished = event.type in ("done", "error")
+                yield event
+        except Exception as exc:
+            if not finished:
+                error = unwrap(exc)
+                code = getattr(error, "code", "internal_error")
+                yield ErrorEvent(request_id=request.id, code=code, message=str(error))
+        finally:
+            if not finished:
+                # The caller went away (or failed): nothing of this request may keep running.
+                ray.cancel(gen)
+                self.executor.cancel.remote(request.id)
+
+    @staticmethod
+    async def _events(gen: Any) -> AsyncIterator[Any]:
+        async for ref in gen:
+            yield await ref
+
+    async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
+        assert self.executor is not None
+        gen = self.executor.run_task.options(num_returns="streaming").remote(task, True)
+        try:
+            async for ref in gen:
+                yield await ref
+        finally:
+            ray.cancel(gen)
+
+    async def stats(self) -> dict[str, Any]:
+        assert self.executor is not None
+        names = list(self.experts)
+        expert_stats = await asyncio.gather(
+            *(self.experts[n].stats.remote() for n in names), return_exceptions=True
+        )
+        return {
+            "executor": await self.executor.stats.remote(),
+            "experts": {
+                n: (s if isinstance(s, dict) else {"error": str(unwrap(s))})
+                for n, s in zip(names, expert_stats, strict=True)
+            },
+        }
+
+    def shutdown(self) -> None:
+        """Kill every actor of the team (no restarts)."""
+        for handle in [self.router, self.executor, *self.experts.values()]:
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        self.experts.clear()
+        self.executor = self.router = None

@@ -1,0 +1,244 @@
+"""Configuration: YAML in, validated pydantic models out, errors that name the field path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestration.errors import ConfigError, FieldError, format_validation_error
+from orchestration.models import ExecutionStrategy
+
+DEFAULT_CONFIG = "config/mock.yaml"
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorResources(_Section):
+    """What a Ray actor reserves. Chosen on purpose: see docs/resources.md."""
+
+    # 0 CPUs: an actor needs a CPU only to be placed, and a control actor holding one
+    # would starve a 2-core laptop; set 1 where an engine really burns a core.
+    num_cpus: NonNegFloat = 0.0
+    num_gpus: NonNegFloat = 0.0
+    accelerator_type: str | None = None
+    resources: dict[str, NonNegFloat] = Field(default_factory=dict)
+    memory: NonNegInt | None = None
+
+    def ray_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.memory:
+            options["memory"] = self.memory
+        return options
+
+
+class MockOptions(_Section):
+    """The fault-injecting mock engine: latency profile and fault schedule by request count."""
+
+    ttft_s: NonNegFloat = 0.02
+    token_latency_s: NonNegFloat = 0.005
+    tokens: PositiveInt = 24
+    seed: int = 0
+    fail_every: NonNegInt = 0
+    fail_message: str = "Simulated GPU error: CUDA kernel overload."
+    slow_every: NonNegInt = 0
+    slow_s: NonNegFloat = 5.0
+    crash_every: NonNegInt = 0
+    hang_every: NonNegInt = 0
+    garbage_every: NonNegInt = 0
+    # Text appended verbatim to every answer (used to test the guard with fake secrets).
+    inject: str = ""
+
+
+class ExpertConfig(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    backend: Literal["mock", "vllm"] = "mock"
+    model: str = "mock"
+    description: str = ""
+    system_prompt: str | None = None
+    keywords: list[str] = Field(default_factory=list)
+    priority: Literal["high", "normal"] = "normal"
+    max_concurrency: PositiveInt = 4
+    max_restarts: Annotated[int, Field(ge=-1)] = 3
+    fallback: str | None = None
+    num_gpus: NonNegFloat | None = None
+    resources: ActorResources = Field(default_factory=ActorResources)
+    mock: MockOptions = Field(default_factory=MockOptions)
+    # vLLM engine arguments passed through to AsyncEngineArgs (model, dtype, ...).
+    engine: dict[str, Any] = Field(default_factory=dict)
+    # Environment for the actor's process (e.g. VLLM_CPU_KVCACHE_SPACE).
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gpu_default(self) -> ExpertConfig:
+        # `num_gpus` at the top is the short form; vLLM experts default to one GPU.
+        if self.num_gpus is not None:
+            self.resources.num_gpus = self.num_gpus
+        self.num_gpus = self.resources.num_gpus
+        return self
+
+    def actor_options(self) -> dict[str, Any]:
+        return self.resources.ray_options()
+
+
+class LoadThresholds(_Section):
+    """Executor load (active + queued tasks) at which the router degrades its plans."""
+
+    parallel_limited: NonNegInt = 8
+    serial: NonNegInt = 24
+    drop_normal_experts: NonNegInt = 24
+
+
+class RouterConfig(_Section):
+    primary: str = "general"
+    max_parallel_experts: NonNegInt = 3
+    default_strategy: ExecutionStrategy = ExecutionStrategy.PARALLEL_FULL
+    thresholds: LoadThresholds = Field(default_factory=LoadThresholds)
+    resources: ActorResources = Field(default_factory=ActorResources)
+
+
+class RetryConfig(_Section):
+    """The seeds' policy: 3 attempts, waits of 200 ms x 2^n."""
+
+    attempts: PositiveInt = 3
+    initial_wait_s: NonNegFloat = 0.2
+    multiplier: Annotated[float, Field(ge=1)] = 2.0
+    max_wait_s: NonNegFloat = 5.0
+
+
+class ExecutorConfig(_Section):
+    max_in_flight: PositiveInt = 16
+    max_queue: PositiveInt = 256
+    task_timeout_s: PositiveFloat = 30.0
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    strategy_concurrency: dict[ExecutionStrategy, PositiveInt] = Field(
+        default_factory=lambda: {
+            ExecutionStrategy.SERIAL: 1,
+            ExecutionStrategy.PARALLEL_LIMITED: 2,
+            ExecutionStrategy.PARALLEL_FULL: 4,
+        }
+    )
+    # Request priority shifts every task priority; 20 makes it dominate the 1..10 scale.
+    priority_shift: dict[Literal["high", "normal", "low"], int] = Field(
+        default_factory=lambda: {"high": 20, "normal": 0, "low": -20}
+    )
+    # Async-actor concurrency: how many plans the executor serves at once.
+    max_concurrent_plans: PositiveInt = 1000
+    resources: ActorResources = Field(default_factory=ActorResources)
+
+    @model_validator(mode="after")
+    def _all_strategies(self) -> ExecutorConfig:
+        missing = [s.value for s in ExecutionStrategy if s not in self.strategy_concurrency]
+        if missing:
+            raise ValueError(f"strategy_concurrency lacks {', '.join(missing)}")
+        return self
+
+
+class FusionConfig(_Section):
+    strategy: Literal["primary", "append", "synthesize"] = "append"
+    synthesizer: str | None = None
+    max_tokens: PositiveInt = 512
+
+
+class GuardConfig(_Section):
+    strip_think: bool = True
+    redact_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"sk-[A-Za-z0-9_-]{16,}",
+            r"(?i)bearer\s+[A-Za-z0-9._~+/=-]{16,}",
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+            r"AKIA[0-9A-Z]{16}",
+        ]
+    )
+    replacement: str = "[REDACTED]"
+
+
+class ServerConfig(_Section):
+    api_key: str | None = None
+    max_prompt_chars: PositiveInt = 32_000
+    max_tokens_limit: PositiveInt = 4096
+    retry_after_s: PositiveInt = 1
+    startup_timeout_s: PositiveFloat = 120.0
+    namespace: str = "chorus"
+
+
+class ChorusConfig(_Section):
+    experts: Annotated[list[ExpertConfig], Field(min_length=1)]
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> ChorusConfig:
+        names = [e.name for e in self.experts]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise FieldError(f"experts[{i}].name", f"duplicate expert name {name!r}")
+        if self.router.primary not in names:
+            raise FieldError("router.primary", f"unknown expert {self.router.primary!r}")
+        for i, expert in enumerate(self.experts):
+            if expert.fallback is not None and expert.fallback not in names:
+                raise FieldError(f"experts[{i}].fallback", f"unknown expert {expert.fallback!r}")
+            if expert.fallback == expert.name:
+                raise FieldError(f"experts[{i}].fallback", "an expert cannot be its own fallback")
+        if self.fusion.strategy == "synthesize":
+            if self.fusion.synthesizer is None:
+                raise FieldError("fusion.synthesizer", "required when strategy is synthesize")
+            if self.fusion.synthesizer not in names:
+                raise FieldError("fusion.synthesizer", f"unknown expert {self.fusion.synthesizer!r}")
+        return self
+
+    def expert(self, name: str) -> ExpertConfig:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise KeyError(name)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+
+def parse_config(data: Any, source: str = "<config>") -> ChorusConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with an `experts` list")
+    try:
+        return ChorusConfig.model_validate(data)
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        first = message.split(":", 1)[0]
+        raise ConfigError(f"{source}: invalid config\n{message}", field=first) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ChorusConfig:
+    """Load a YAML config; `None` means `$CHORUS_CONFIG` or the default mock team."""
+    resolved = Path(path or os.environ.get("CHORUS_CONFIG") or DEFAULT_CONFIG)
+    if not resolved.is_absolute() and not resolved.exists():
+        # Let `chorus` work from any directory for the configs shipped in the repo.
+        candidate = Path(__file__).resolve().parent.parent / resolved
+        if candidate.exists():
+            resolved = candidate
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {resolved}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{resolved}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(resolved))

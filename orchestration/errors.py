@@ -1,0 +1,136 @@
+"""Errors Chorus raises on purpose, each with a stable code and the HTTP status it maps to.
+
+They cross Ray boundaries (wrapped in `RayTaskError`, whose `.cause` is the original),
+so they are plain picklable exceptions with simple constructor arguments.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class ChorusError(Exception):
+    """Base: a failure we can name, with the field or resource it is about."""
+
+    code = "chorus_error"
+    status = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __reduce__(self):  # keep `field` across pickling (Ray re-raises remote errors)
+        return (_rebuild, (type(self), self.message, self.field))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+def _rebuild(cls: type[ChorusError], message: str, field: str | None) -> ChorusError:
+    return cls(message, field=field)
+
+
+class ConfigError(ChorusError):
+    code = "invalid_config"
+
+
+class BadRequestError(ChorusError):
+    """The caller's input is invalid; never retried."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class UnknownExpertError(BadRequestError):
+    code = "unknown_expert"
+    status = 404
+
+
+class QueueFullError(ChorusError):
+    """Admission refused: the executor's queue is at `max_queue`."""
+
+    code = "queue_full"
+    status = 429
+
+
+class NoHealthyExpertError(ChorusError):
+    code = "no_healthy_expert"
+    status = 503
+
+
+class PlacementError(ChorusError):
+    """The cluster cannot hold an actor (not enough GPUs or custom resources)."""
+
+    code = "placement_failed"
+    status = 503
+
+
+# ------------------------------------------------------------ engine / task failures
+
+
+class TransientError(ChorusError):
+    """A failure worth retrying: engine error, timeout, expert restarting."""
+
+    code = "transient"
+
+
+class EngineError(TransientError):
+    code = "engine_error"
+
+
+class TaskTimeoutError(TransientError):
+    code = "timeout"
+
+
+class ExpertUnavailableError(TransientError):
+    """The expert's actor died or is restarting."""
+
+    code = "expert_unavailable"
+
+
+class TaskCancelledError(ChorusError):
+    """The request was cancelled (caller gone, or explicit cancel); never retried."""
+
+    code = "cancelled"
+    status = 499
+
+
+# ------------------------------------------------------------ validation messages
+
+
+class FieldError(ValueError):
+    """A cross-field error that knows its own path (pydantic only knows the model's)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "<root>"
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each starting with the field path (`experts[1].num_gpus`)."""
+    lines = []
+    for item in error.errors():
+        ctx_error = (item.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, FieldError):
+            lines.append(f"{prefix}{ctx_error}")
+            continue
+        path = _format_loc(tuple(item["loc"]))
+        lines.append(f"{prefix}{path}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def bad_request(error: ValidationError) -> BadRequestError:
+    """A 422 whose message names every offending field and whose `field` is the first."""
+    message = format_validation_error(error)
+    return BadRequestError(message, field=message.split(":", 1)[0])

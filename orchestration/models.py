@@ -1,0 +1,249 @@
+"""Domain models: what a request, a plan, a task and their results look like.
+
+Plain pydantic, no Ray: these objects cross actor boundaries (pickled) and the HTTP
+boundary (JSON), so they are the one vocabulary every layer shares.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestration.errors import BadRequestError, bad_request
+
+
+class ExecutionStrategy(StrEnum):
+    """How many tasks of one plan may run at once (see `STRATEGY_CONCURRENCY`)."""
+
+    SERIAL = "SERIAL"
+    PARALLEL_LIMITED = "PARALLEL_LIMITED"
+    PARALLEL_FULL = "PARALLEL_FULL"
+
+
+class RequestPriority(StrEnum):
+    """The caller's priority for a whole request; it shifts every task of the request."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class TaskStatus(StrEnum):
+    """Terminal status of one task: every task ends with exactly one of these."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+# The seeds' priority scale (p-queue priorities in TaskExecutor v3.0).
+PRIMARY_PRIORITY = 10
+HIGH_EXPERT_PRIORITY = 5
+EXPERT_PRIORITY = 1
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InferenceOptions(_Model):
+    """Sampling options applied to every task of a plan."""
+
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    seed: int | None = None
+
+
+class OrchestrateRequest(_Model):
+    """What a caller asks for: a prompt plus optional overrides."""
+
+    prompt: str
+    priority: RequestPriority = RequestPriority.NORMAL
+    # Parallel experts to consult instead of the router's keyword choice.
+    experts: list[str] | None = None
+    # Expert that answers first and streams (default: the router's primary).
+    primary: str | None = None
+    strategy: ExecutionStrategy | None = None
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    id: str = Field(default_factory=lambda: new_id("req"))
+
+    @classmethod
+    def parse(cls, data: Any) -> OrchestrateRequest:
+        """Validate caller input; a `BadRequestError` names the offending field."""
+        if not isinstance(data, dict):
+            raise BadRequestError("request body must be a JSON object", field="<body>")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise bad_request(exc) from None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ExecutorLoad(_Model):
+    """What the router reads from the executor to choose a strategy."""
+
+    active: int = 0
+    queued: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.active + self.queued
+
+
+class ExpertTask(_Model):
+    """One unit of work for one expert."""
+
+    id: str = Field(default_factory=lambda: new_id("task"))
+    expert: str
+    prompt: str
+    system_prompt: str | None = None
+    role: Literal["primary", "expert", "synthesis"] = "expert"
+    priority: int = EXPERT_PRIORITY
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_tokens: Annotated[int, Field(ge=1)] = 256
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    seed: int | None = None
+    # Absolute dispatch priority across all plans (task priority shifted by the request's).
+    effective_priority: int = EXPERT_PRIORITY
+    request_id: str | None = None
+    # Set by the executor per dispatch; engines key their requests on (id, attempt).
+    attempt: int = 1
+
+
+class ExecutionPlan(_Model):
+    """The router's decision: who answers, in which order, how many at once."""
+
+    id: str = Field(default_factory=lambda: new_id("plan"))
+    request_id: str
+    strategy: ExecutionStrategy
+    priority: RequestPriority = RequestPriority.NORMAL
+    primary: ExpertTask
+    experts: list[ExpertTask] = Field(default_factory=list)
+    options: InferenceOptions = Field(default_factory=InferenceOptions)
+    reason: str = ""
+
+    @property
+    def tasks(self) -> list[ExpertTask]:
+        return [self.primary, *self.experts]
+
+
+class TaskResult(_Model):
+    """The single terminal outcome of one task, with how hard we tried."""
+
+    task_id: str
+    expert: str
+    role: Literal["primary", "expert", "synthesis"] = "expert"
+    status: TaskStatus
+    result: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    tokens: int = 0
+    # Experts that actually served the attempts (differs from `expert` after a fallback).
+    served_by: list[str] = Field(default_factory=list)
+    # Backoff waits (seconds) the retry policy chose between attempts, in order.
+    retry_waits: list[float] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TaskStatus.SUCCESS
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class PlanEvent(_Model):
+    type: Literal["plan"] = "plan"
+    request_id: str
+    plan: ExecutionPlan
+
+
+class PrimaryDelta(_Model):
+    """A piece of the primary expert's answer, as soon as it is generated."""
+
+    type: Literal["primary"] = "primary"
+    request_id: str
+    expert: str
+    delta: str
+    attempt: int = 1
+
+
+class ExpertEvent(_Model):
+    type: Literal["expert"] = "expert"
+    request_id: str
+    result: TaskResult
+
+
+class FusionEvent(_Model):
+    type: Literal["fusion"] = "fusion"
+    request_id: str
+    strategy: str
+    content: str
+    failed: list[TaskResult] = Field(default_factory=list)
+
+
+class FusionDelta(_Model):
+    """A piece of a synthesized answer (fusion `synthesize`), streamed before `fusion`."""
+
+    type: Literal["fusion_delta"] = "fusion_delta"
+    request_id: str
+    delta: str
+
+
+class ErrorEvent(_Model):
+    type: Literal["error"] = "error"
+    request_id: str
+    code: str
+    message: str
+    status: int = 500
+
+
+class DoneEvent(_Model):
+    type: Literal["done"] = "done"
+    request_id: str
+    primary: TaskResult | None = None
+    experts: list[TaskResult] = Field(default_factory=list)
+    content: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+StreamEvent = Annotated[
+    PlanEvent
+    | PrimaryDelta
+    | ExpertEvent
+    | FusionDelta
+    | FusionEvent
+    | ErrorEvent
+    | DoneEvent,
+    Field(discriminator="type"),
+]
+
+TERMINAL_EVENTS = ("done", "error")
+
+
+class OrchestrationResult(_Model):
+    """Everything `Client.run` returns for one request."""
+
+    id: str
+    plan: ExecutionPlan
+    content: str
+    primary: TaskResult
+    experts: list[TaskResult]
+    timings: dict[str, float] = Field(default_factory=dict)
