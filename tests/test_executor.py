@@ -1,0 +1,226 @@
+"""The actor core on a real local Ray instance, with mock experts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from actors.team import Team
+from orchestration.client import Client
+from orchestration.errors import QueueFullError
+from orchestration.models import (
+    DoneEvent,
+    ExecutionPlan,
+    ExecutionStrategy,
+    ExpertEvent,
+    ExpertTask,
+    PrimaryDelta,
+    TaskStatus,
+)
+from tests.conftest import make_config, until
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+async def _expert_stats(team: Team, name: str) -> dict[str, Any]:
+    return await team.experts[name].stats.remote()
+
+
+async def _collect(team: Team, plan: ExecutionPlan) -> list[Any]:
+    gen = team.executor.stream.options(num_returns="streaming").remote(plan)
+    return [await ref async for ref in gen]
+
+
+def _single(expert: str, priority: int, request: str, timeout_s: float = 30) -> ExecutionPlan:
+    task = ExpertTask(expert=expert, prompt=request, role="primary", priority=priority,
+                      effective_priority=priority, request_id=request, timeout_s=timeout_s)
+    return ExecutionPlan(request_id=request, strategy=ExecutionStrategy.SERIAL, primary=task)
+
+
+async def test_priority_orders_dispatch_across_plans() -> None:
+    # The blocker hangs on `code` and holds the only in-flight slot; the rest queue behind.
+    config = make_config(executor={"max_in_flight": 1},
+                         experts={"code": {"mock": {"hang_every": 1}}})
+    team = await Team.start(config, f"prio-{uuid.uuid4().hex[:6]}")
+    try:
+        blocker = asyncio.ensure_future(_collect(team, _single("code", 10, "blocker")))
+        await until(lambda: _active(team, "code", 1), what="blocker running")
+        queued = [("a-low", 1), ("b-high", 30), ("c-mid", 5), ("d-high", 30), ("e-low", 1),
+                  ("f-top", 40), ("g-mid", 5)]
+        plans = [_single("general", p, name) for name, p in queued]
+        jobs = []
+        for count, plan in enumerate(plans, start=1):
+            jobs.append(asyncio.ensure_future(_collect(team, plan)))
+            await until(lambda n=count: _queued(team, n), what="task queued")
+        await team.executor.cancel.remote("blocker")
+        await asyncio.gather(blocker, *jobs)
+        seen = (await _expert_stats(team, "general"))["seen"]
+        order = [req.split(":")[0] for req, _ in seen]
+        by_task = {p.primary.id: p.request_id for p in plans}
+        assert [by_task[t] for t in order] == [
+            "f-top", "b-high", "d-high", "c-mid", "g-mid", "a-low", "e-low"]
+        assert [prio for _, prio in seen] == [40, 30, 30, 5, 5, 1, 1]
+    finally:
+        team.shutdown()
+
+
+async def _active(team: Team, expert: str, n: int) -> bool:
+    return (await _expert_stats(team, expert))["active"] == n
+
+
+async def _queued(team: Team, n: int) -> bool:
+    return (await team.executor.load.remote()).queued == n
+
+
+async def test_fifty_plans_respect_every_bound() -> None:
+    limits = {"general": 3, "code": 2, "math": 2, "critic": 1}
+    config = make_config(
+        executor={"max_in_flight": 6},
+        experts={name: {"max_concurrency": n, "mock": {"ttft_s": 0.02, "tokens": 6}}
+                 for name, n in limits.items()},
+    )
+    strategies = list(ExecutionStrategy)
+    async with Client.local(config) as client:
+        results = await asyncio.gather(*(
+            client.run("review python code and calculate the sum", strategy=strategies[i % 3],
+                       experts=["code", "math", "critic"])
+            for i in range(50)
+        ))
+        stats = await client.stats()
+    assert all(r.primary.ok and len(r.experts) == 3 for r in results)
+    executor = stats["executor"]
+    assert executor["peak_in_flight"] == 6  # reached, never exceeded
+    assert executor["outstanding_refs"] == 0 and executor["active"] == 0
+    for name, limit in limits.items():
+        assert 1 <= stats["experts"][name]["peak_active"] <= limit, name
+    peaks = executor["peak_plan_in_flight"]
+    assert peaks["SERIAL"] == 1 and peaks["PARALLEL_LIMITED"] <= 2
+    assert peaks["PARALLEL_FULL"] <= 4
+    assert executor["counters"]["dispatched"] == 200 == executor["counters"]["succeeded"]
+
+
+async def test_hanging_task_is_cancelled_at_its_deadline_and_retried() -> None:
+    config = make_config(experts={"general": {"mock": {"hang_every": 1}}})
+    async with Client.local(config) as client:
+        events = [e async for e in client.stream("hello", timeout_s=0.3)]
+        done_or_error = events[-1]
+        assert done_or_error.type == "error" and done_or_error.code == "primary_timeout"
+        assert "after 3 attempt(s)" in done_or_error.message
+        team = client.team
+        await until(lambda: _active(team, "general", 0), what="engine idle")
+        stats = await _expert_stats(team, "general")
+        assert stats["cancelled"] == 3 and stats["requests"] == 3
+        executor = await team.executor.stats.remote()
+        assert executor["counters"]["timed_out"] == 1 and executor["counters"]["retried"] == 2
+        assert executor["outstanding_refs"] == 0
+        # The run() view of the same failure carries the terminal status and attempts.
+        results = await team.executor.run.remote(_single("general", 10, "r2", timeout_s=0.3))
+        assert results[0].status is TaskStatus.TIMEOUT and results[0].attempts == 3
+        assert results[0].retry_waits == [0.2, 0.4]
+
+
+async def test_chaos_schedule_of_the_seeds() -> None:
+    async with Client.local("config/chaos.yaml") as client:
+        prompts = ["review python code", "calculate the sum", "hello", "check this bug"]
+        streams = await asyncio.gather(*(
+            _events(client, prompts[i % 4]) for i in range(30)
+        ))
+        stats = await client.stats()
+    for events in streams:
+        terminal = [e for e in events if e.type in ("done", "error")]
+        assert len(terminal) == 1 and events[-1] is terminal[0]
+        plan = events[0].plan
+        expert_results = [e.result for e in events if isinstance(e, ExpertEvent)]
+        assert sorted(r.task_id for r in expert_results) == sorted(t.id for t in plan.experts)
+        if isinstance(terminal[0], DoneEvent):
+            primary = terminal[0].primary
+            assert primary.ok
+            assert [r.task_id for r in terminal[0].experts] == [t.id for t in plan.experts]
+        else:
+            assert "after 3 attempt(s)" in terminal[0].message
+            assert any(w in terminal[0].message for w in ("CUDA", "within 3s"))
+        for result in expert_results:
+            assert result.ok or (result.attempts == 3 and result.error)
+            assert result.retry_waits == [0.2, 0.4][: result.attempts - 1]
+    counters = stats["executor"]["counters"]
+    assert counters["retried"] > 0 and counters.get("timed_out", 0) + counters["succeeded"] > 0
+
+
+async def _events(client: Client, prompt: str) -> list[Any]:
+    return [e async for e in client.stream(prompt)]
+
+
+async def test_crashed_expert_is_restarted_and_the_task_retried() -> None:
+    config = make_config(experts={"code": {"max_restarts": 2, "mock": {"crash_every": 2}}})
+    async with Client.local(config) as client:
+        first = await client.run("python code", experts=["code"])
+        assert first.experts[0].ok and first.experts[0].attempts == 1
+        second = await client.run("python code", experts=["code"])
+        code = second.experts[0]
+        assert code.ok and code.attempts == 2 and code.served_by == ["code", "code"]
+        stats = await client.stats()
+    assert stats["executor"]["restarts_seen"] == {"code": 1}
+    assert stats["experts"]["code"]["reconstructed"] is True
+    assert stats["experts"]["code"]["requests"] == 1  # a fresh process served the retry
+
+
+async def test_failed_expert_does_not_fail_the_plan() -> None:
+    config = make_config(experts={"math": {"mock": {"fail_every": 1}}})
+    async with Client.local(config) as client:
+        events = await _events(client, "calculate the sum")
+    kinds = [e.type for e in events]
+    assert kinds[0] == "plan" and kinds[-2:] == ["fusion", "done"]
+    assert kinds.count("primary") >= 2
+    math = next(e.result for e in events if isinstance(e, ExpertEvent))
+    assert math.status is TaskStatus.ERROR and math.attempts == 3
+    assert "CUDA kernel overload" in math.error
+    assert events[-1].primary.ok and math in events[-1].experts
+
+
+async def test_first_delta_arrives_while_the_primary_is_still_generating() -> None:
+    config = make_config(experts={"general": {"mock": {"tokens": 6, "token_latency_s": 0.3}}})
+    async with Client.local(config) as client:
+        team = client.team
+        deltas: list[str] = []
+        active_at_first_delta = None
+        async for event in client.stream("hello"):
+            if isinstance(event, PrimaryDelta):
+                if not deltas:
+                    active_at_first_delta = (await _expert_stats(team, "general"))["active"]
+                deltas.append(event.delta)
+            elif isinstance(event, DoneEvent):
+                final = event.primary.result
+    # Five more tokens were still due, 0.3 s apart, when the first one reached us.
+    assert active_at_first_delta == 1
+    assert len(deltas) == 6 and "".join(deltas) == final
+
+
+async def test_queue_bound_refuses_at_once_and_keeps_serving() -> None:
+    config = make_config(executor={"max_in_flight": 1, "max_queue": 3},
+                         experts={"general": {"mock": {"ttft_s": 0.5, "tokens": 2}}})
+    async with Client.local(config) as client:
+        accepted, refused = [], 0
+        for i in range(8):
+            stream = client.stream(f"hello {i}")
+            try:
+                first = await stream.__anext__()
+            except QueueFullError as exc:
+                assert "max_queue=3" in exc.message
+                refused += 1
+                continue
+            assert first.type == "plan"
+            accepted.append(asyncio.ensure_future(_drain(first, stream)))
+        assert 3 <= len(accepted) <= 4 and refused == 8 - len(accepted)
+        finished = await asyncio.gather(*accepted)
+        assert all(events[-1].type == "done" for events in finished)
+        again = await client.run("after the flood")
+        assert again.primary.ok
+        stats = await client.stats()
+        assert stats["executor"]["counters"]["refused"] == refused
+
+
+async def _drain(first: Any, stream: Any) -> list[Any]:
+    return [first] + [e async for e in stream]

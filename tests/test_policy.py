@@ -1,0 +1,142 @@
+"""Routing and scheduling policy, without Ray: data in, decision out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestration.errors import BadRequestError, TransientError, UnknownExpertError
+from orchestration.models import ExecutionStrategy, ExecutorLoad, OrchestrateRequest
+from orchestration.routing import plan_request
+from orchestration.scheduling import Occupancy, SlotScheduler, Waiter, build_retrying, pick_grants
+from tests.conftest import make_config
+
+
+def test_keywords_pick_the_specialist() -> None:
+    config = make_config()
+    plan = plan_request(OrchestrateRequest(prompt="Fix this Python function bug"), config)
+    assert plan.primary.expert == "general"
+    assert [t.expert for t in plan.experts] == ["code"]
+    assert plan.primary.priority == 10 and plan.experts[0].priority == 5
+    assert plan.strategy is ExecutionStrategy.PARALLEL_FULL
+
+
+def test_no_keyword_means_primary_only() -> None:
+    plan = plan_request(OrchestrateRequest(prompt="Tell me a story"), make_config())
+    assert plan.experts == []
+
+
+def test_load_degrades_strategy_and_drops_low_priority_experts() -> None:
+    config = make_config()
+    prompt = "review the python code and calculate the sum"
+    idle = plan_request(OrchestrateRequest(prompt=prompt), config, ExecutorLoad())
+    assert {t.expert for t in idle.experts} == {"code", "math", "critic"}
+    busy = plan_request(OrchestrateRequest(prompt=prompt), config, ExecutorLoad(active=9))
+    assert busy.strategy is ExecutionStrategy.PARALLEL_LIMITED
+    swamped = plan_request(OrchestrateRequest(prompt=prompt), config,
+                           ExecutorLoad(active=16, queued=20))
+    assert swamped.strategy is ExecutionStrategy.SERIAL
+    assert [t.expert for t in swamped.experts] == ["code"]  # the only HIGH specialist
+    assert "dropped" in swamped.reason
+
+
+def test_caller_overrides_are_honoured_even_under_load() -> None:
+    config = make_config()
+    request = OrchestrateRequest(prompt="hi", experts=["critic", "math"],
+                                 strategy=ExecutionStrategy.PARALLEL_LIMITED, priority="high")
+    plan = plan_request(request, config, ExecutorLoad(queued=100))
+    assert [t.expert for t in plan.experts] == ["critic", "math"]
+    assert plan.strategy is ExecutionStrategy.PARALLEL_LIMITED
+    assert plan.primary.effective_priority == 30  # 10 shifted by a high request (+20)
+
+
+@pytest.mark.parametrize(("field", "value", "path"), [
+    ("experts", ["code", "oracle"], "experts[1]"),
+    ("primary", "oracle", "primary"),
+])
+def test_unknown_expert_is_refused_clearly(field: str, value: object, path: str) -> None:
+    with pytest.raises(UnknownExpertError) as info:
+        plan_request(OrchestrateRequest(prompt="hi", **{field: value}), make_config())
+    assert info.value.field == path
+    assert "'oracle'" in info.value.message and "known experts: general" in info.value.message
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"prompt": "  "}, "prompt"),
+    ({"prompt": "x", "timeout_s": -1}, "timeout_s"),
+    ({"prompt": "x", "priority": "urgent"}, "priority"),
+    ({"prompt": 3}, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "colour": "red"}, "colour"),
+])
+def test_bad_request_names_the_field(data: dict, field: str) -> None:
+    with pytest.raises(BadRequestError) as info:
+        OrchestrateRequest.parse(data)
+    assert info.value.field == field
+    assert info.value.message.startswith(f"{field}:")
+
+
+def _waiter(priority: int, seq: int, expert: str = "a", plan: str = "p") -> Waiter:
+    return Waiter((-priority, seq), expert, plan)
+
+
+def test_grants_follow_priority_then_arrival_within_bounds() -> None:
+    waiting = sorted([_waiter(1, 0), _waiter(10, 1), _waiter(5, 2), _waiter(10, 3)])
+    grants = pick_grants(waiting, Occupancy(), 3, lambda _: 9, lambda _: 9)
+    assert [w.sort_key for w in grants] == [(-10, 1), (-10, 3), (-5, 2)]
+
+
+def test_grants_skip_a_full_expert_and_a_full_plan() -> None:
+    occupancy = Occupancy()
+    occupancy.add("busy", "p1")
+    waiting = sorted([_waiter(10, 0, "busy", "p2"), _waiter(5, 1, "free", "p1"),
+                      _waiter(1, 2, "free", "p3")])
+    grants = pick_grants(waiting, occupancy, 10, lambda e: 1, lambda p: 1)
+    assert [(w.expert, w.plan_id) for w in grants] == [("free", "p3")]
+
+
+async def test_scheduler_grants_in_order_and_withdraws_cancelled_waiters() -> None:
+    scheduler = SlotScheduler(max_in_flight=1, expert_limits={"a": 1})
+    scheduler.open_plan("p", 4)
+    order: list[str] = []
+    await scheduler.acquire("a", "p", 1)  # holds the only slot
+
+    async def job(name: str, priority: int) -> None:
+        await scheduler.acquire("a", "p", priority)
+        order.append(name)
+        scheduler.release("a", "p")
+
+    jobs = [asyncio.ensure_future(job(n, p)) for n, p in [("low", 1), ("high", 10), ("mid", 5)]]
+    doomed = asyncio.ensure_future(job("cancelled", 50))
+    await asyncio.sleep(0)  # let all four park in the scheduler
+    assert scheduler.waiting == 4
+    doomed.cancel()
+    await asyncio.gather(doomed, return_exceptions=True)
+    assert scheduler.waiting == 3
+    scheduler.release("a", "p")
+    await asyncio.gather(*jobs)
+    assert order == ["high", "mid", "low"]
+    assert scheduler.peak_in_flight == 1 and scheduler.occupancy.total == 0
+
+
+async def test_retry_policy_waits_like_the_seeds() -> None:
+    config = make_config()
+    waits: list[float] = []
+    calls = 0
+    with pytest.raises(TransientError):
+        async for attempt in build_retrying(config.executor.retry, waits.append):
+            with attempt:
+                calls += 1
+                raise TransientError("boom")
+    assert calls == 3 and waits == [0.2, 0.4]
+
+
+async def test_retry_policy_does_not_retry_bad_input() -> None:
+    calls = 0
+    with pytest.raises(BadRequestError):
+        async for attempt in build_retrying(make_config().executor.retry):
+            with attempt:
+                calls += 1
+                raise BadRequestError("bad")
+    assert calls == 1
