@@ -11,11 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from orchestration.config import ChorusConfig
+from orchestration.fusion import (
+    FusionOutcome,
+    build_synthesis_task,
+    fuse,
+    should_synthesize,
+    synthesis_outcome,
+)
+from orchestration.guard import ResponseGuard
 from orchestration.models import (
     DoneEvent,
     ErrorEvent,
     ExpertEvent,
     ExpertTask,
+    FusionDelta,
     FusionEvent,
     PlanEvent,
     PrimaryDelta,
@@ -26,7 +35,7 @@ Synthesize = Callable[[ExpertTask], AsyncIterator[Any]]
 
 
 def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
-    """A clear terminal error for a primary that failed for good."""
+    """A clear terminal error for a primary that failed for good with nobody to stand in."""
     served = " -> ".join(primary.served_by) or primary.expert
     return ErrorEvent(
         request_id=request_id,
@@ -39,6 +48,66 @@ def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
     )
 
 
+class _Finisher:
+    """Per-request state: the guard's stream windows and the timings."""
+
+    def __init__(self, first: PlanEvent, config: ChorusConfig, synthesize: Synthesize | None):
+        self.plan = first.plan
+        self.request_id = first.request_id
+        self.config = config
+        self.synthesize = synthesize
+        self.guard = ResponseGuard(config.guard)
+        self.started = time.monotonic()
+        self.first_delta_at: float | None = None
+
+    def clean(self, result: TaskResult) -> TaskResult:
+        if result.result is None:
+            return result
+        return result.model_copy(update={"result": self.guard.sanitize(result.result)})
+
+    async def synthesized(
+        self, primary: TaskResult, experts: list[TaskResult], fallback: FusionOutcome
+    ) -> AsyncIterator[FusionDelta | FusionOutcome]:
+        """Stream the synthesizer's answer as fusion deltas, then yield the outcome."""
+        fusion = self.config.fusion
+        assert self.synthesize is not None and fusion.synthesizer is not None
+        task = build_synthesis_task(self.plan, primary, experts, fusion.synthesizer,
+                                    fusion.max_tokens, self.plan.primary.timeout_s)
+        live = self.guard.stream()
+        result: TaskResult | None = None
+        async for event in self.synthesize(task):
+            if isinstance(event, PrimaryDelta) and (safe := live.feed(event.delta)):
+                yield FusionDelta(request_id=self.request_id, delta=safe)
+            elif isinstance(event, DoneEvent):
+                result = event.primary
+        if tail := live.flush():
+            yield FusionDelta(request_id=self.request_id, delta=tail)
+        assert result is not None
+        yield synthesis_outcome(self.clean(result), fallback)
+
+    async def finish(self, done: DoneEvent) -> AsyncIterator[Any]:
+        assert done.primary is not None
+        primary, experts = self.clean(done.primary), [self.clean(r) for r in done.experts]
+        strategy = self.config.fusion.strategy
+        outcome = fuse(strategy, primary, experts)
+        if strategy == "synthesize" and self.synthesize and should_synthesize(primary, experts):
+            async for item in self.synthesized(primary, experts, outcome):
+                if isinstance(item, FusionOutcome):
+                    outcome = item
+                else:
+                    yield item
+        if outcome.source is None:
+            yield primary_failure(self.request_id, primary)
+            return
+        yield FusionEvent(request_id=self.request_id, strategy=strategy,
+                          content=outcome.content, failed=outcome.failed)
+        timings = {"total_s": time.monotonic() - self.started}
+        if self.first_delta_at is not None:
+            timings["ttft_s"] = self.first_delta_at - self.started
+        yield DoneEvent(request_id=self.request_id, primary=primary, experts=experts,
+                        content=outcome.content, timings=timings)
+
+
 async def finish_stream(
     first: PlanEvent,
     events: AsyncIterator[Any],
@@ -46,27 +115,22 @@ async def finish_stream(
     synthesize: Synthesize | None = None,
 ) -> AsyncIterator[Any]:
     """Guard every text that leaves, fuse at the end, and close with done or error."""
-    started = time.monotonic()
-    first_delta_at: float | None = None
+    state = _Finisher(first, config, synthesize)
+    live = state.guard.stream()
     yield first
     async for event in events:
         if isinstance(event, PrimaryDelta):
-            first_delta_at = first_delta_at or time.monotonic()
-            yield event
+            state.first_delta_at = state.first_delta_at or time.monotonic()
+            if safe := live.feed(event.delta):
+                yield event.model_copy(update={"delta": safe})
         elif isinstance(event, ExpertEvent):
-            yield event
+            yield event.model_copy(update={"result": state.clean(event.result)})
         elif isinstance(event, DoneEvent):
-            assert event.primary is not None
-            if not event.primary.ok:
-                yield primary_failure(first.request_id, event.primary)
-                return
-            content = event.primary.result or ""
-            yield FusionEvent(request_id=first.request_id, strategy="primary", content=content,
-                              failed=[r for r in event.experts if not r.ok])
-            timings = {"total_s": time.monotonic() - started}
-            if first_delta_at is not None:
-                timings["ttft_s"] = first_delta_at - started
-            yield event.model_copy(update={"content": content, "timings": timings})
+            if tail := live.flush():
+                yield PrimaryDelta(request_id=state.request_id, expert=first.plan.primary.expert,
+                                   delta=tail)
+            async for final in state.finish(event):
+                yield final
             return
         else:
             yield event

@@ -137,7 +137,8 @@ async def test_chaos_schedule_of_the_seeds() -> None:
         assert sorted(r.task_id for r in expert_results) == sorted(t.id for t in plan.experts)
         if isinstance(terminal[0], DoneEvent):
             primary = terminal[0].primary
-            assert primary.ok
+            # A failed primary is stood in for by a specialist (fusion), never lost.
+            assert primary.ok or (primary.attempts == 3 and primary.error)
             assert [r.task_id for r in terminal[0].experts] == [t.id for t in plan.experts]
         else:
             assert "after 3 attempt(s)" in terminal[0].message
