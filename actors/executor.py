@@ -18,6 +18,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors.metrics import metrics
 from orchestration.config import ChorusConfig
 from orchestration.errors import (
     ChorusError,
@@ -97,6 +98,11 @@ class ExecutorActor:
         self._requests: dict[str, list[asyncio.Task[TaskResult]]] = {}
 
     # ------------------------------------------------------------------ public API
+
+    def _report_load(self) -> None:
+        load = self.load()
+        metrics().queue_depth.set(load.queued)
+        metrics().in_flight.set(load.active)
 
     def load(self) -> ExecutorLoad:
         active = self.scheduler.occupancy.total
@@ -242,6 +248,7 @@ class ExecutorActor:
         def waited(seconds: float) -> None:
             waits.append(seconds)
             self.counters["retried"] += 1
+            metrics().retries.inc(tags={"expert": task.expert})
 
         def forward(expert: str, text: str, attempt: int) -> None:
             if on_delta is not None and len(text) > emitted[0]:
@@ -269,7 +276,8 @@ class ExecutorActor:
         assert error is not None
         status = status_of(error)
         self.counters[_COUNTER[status]] += 1
-        return self._result(task, status, started, served_by, waits, error=str(error))
+        return self._result(task, status, started, served_by, waits, error=str(error),
+                            error_code=getattr(error, "code", None))
 
     def _result(
         self, task: ExpertTask, status: TaskStatus, started: float, served_by: list[str],
@@ -278,6 +286,8 @@ class ExecutorActor:
         self._unfinished -= 1
         if status is TaskStatus.SUCCESS:
             self.counters["succeeded"] += 1
+        metrics().tasks.inc(tags={"expert": task.expert, "status": status.value})
+        self._report_load()
         return TaskResult(
             task_id=task.id, expert=task.expert, role=task.role, status=status,
             attempts=len(served_by), latency_s=time.monotonic() - started,
@@ -297,6 +307,7 @@ class ExecutorActor:
         key = f"{task.id}:{task.attempt}"
         ref: Any = None
         self.counters["dispatched"] += 1
+        self._report_load()
         try:
             if task.role == "expert":
                 # One ObjectRef for the whole answer: experts are not streamed to anyone.

@@ -166,18 +166,25 @@ class Team:
         finally:
             ray.cancel(gen)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Executor and per-expert stats; an expert that does not answer says why."""
         assert self.executor is not None
         names = list(self.experts)
         expert_stats = await asyncio.gather(
-            *(self.experts[n].stats.remote() for n in names), return_exceptions=True
+            *(asyncio.wait_for(self.experts[n].stats.remote(), timeout_s) for n in names),
+            return_exceptions=True,
         )
+
+        def describe(stat: Any) -> dict[str, Any]:
+            if isinstance(stat, dict):
+                return stat
+            if isinstance(stat, TimeoutError):
+                return {"error": f"no answer within {timeout_s:g}s (restarting or busy)"}
+            return {"error": f"{type(unwrap(stat)).__name__}: {unwrap(stat)}"}
+
         return {
             "executor": await self.executor.stats.remote(),
-            "experts": {
-                n: (s if isinstance(s, dict) else {"error": str(unwrap(s))})
-                for n, s in zip(names, expert_stats, strict=True)
-            },
+            "experts": {n: describe(s) for n, s in zip(names, expert_stats, strict=True)},
         }
 
     def shutdown(self) -> None:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter
+
 from orchestration.config import ChorusConfig, load_config
 from orchestration.errors import ChorusError
 from orchestration.models import (
@@ -21,7 +23,10 @@ from orchestration.models import (
     OrchestrateRequest,
     OrchestrationResult,
     PlanEvent,
+    StreamEvent,
 )
+
+_EVENT = TypeAdapter(StreamEvent)
 
 
 class OrchestrationError(ChorusError):
@@ -69,6 +74,45 @@ class _LocalBackend:
             self.team = None
 
 
+class _ServeBackend:
+    """Talks to a running Serve application through its deployment handle."""
+
+    def __init__(self, app_name: str | None, address: str) -> None:
+        self.app_name = app_name
+        self.address = address
+        self.handle: Any = None
+
+    async def open(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False)
+        if self.app_name is None:  # the only app running, else the conventional name
+            apps = list(serve.status().applications)
+            self.app_name = apps[0] if len(apps) == 1 else "chorus"
+        self.handle = serve.get_app_handle(self.app_name)
+
+    async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
+        from actors.team import unwrap
+
+        response = self.handle.options(stream=True).stream_events.remote(
+            request.model_dump(mode="json"))
+        try:
+            async for data in response:
+                yield _EVENT.validate_python(data)
+        except Exception as exc:
+            raise unwrap(exc) from None
+        finally:
+            response.cancel()  # no-op once finished; otherwise the replica stops the request
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.team_stats.remote()
+
+    async def close(self) -> None:
+        self.handle = None
+
+
 class Client:
     """Run prompts through a team: `run` for the result, `stream` for the events."""
 
@@ -81,6 +125,12 @@ class Client:
         """A client that starts its own team of actors in the current Ray instance."""
         cfg = config if isinstance(config, ChorusConfig) else load_config(config)
         backend = _LocalBackend(cfg, name or f"chorus-{uuid.uuid4().hex[:8]}")
+        return cls(backend, opener=backend.open)
+
+    @classmethod
+    def connect(cls, app_name: str | None = None, *, address: str = "auto") -> Client:
+        """A client of a running Serve application (`serve run serve_app:app`)."""
+        backend = _ServeBackend(app_name, address)
         return cls(backend, opener=backend.open)
 
     @property
@@ -133,4 +183,16 @@ class Client:
     # -------------------------------------------------------------- synchronous helpers
 
     def run_sync(self, prompt: str, **options: Any) -> OrchestrationResult:
+        """`run` for code without an event loop."""
         return asyncio.run(self.run(prompt, **options))
+
+    def stream_sync(self, prompt: str, **options: Any) -> list[Any]:
+        """All events of `stream`, for code without an event loop."""
+
+        async def collect() -> list[Any]:
+            return [event async for event in self.stream(prompt, **options)]
+
+        return asyncio.run(collect())
+
+    def stats_sync(self) -> dict[str, Any]:
+        return asyncio.run(self.stats())

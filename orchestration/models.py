@@ -152,6 +152,8 @@ class TaskResult(_Model):
     status: TaskStatus
     result: str | None = None
     error: str | None = None
+    # Stable code of the last error (`engine_error`, `timeout`, `expert_unavailable`, ...).
+    error_code: str | None = None
     attempts: int = 0
     latency_s: float = 0.0
     ttft_s: float | None = None

@@ -37,14 +37,18 @@ Synthesize = Callable[[ExpertTask], AsyncIterator[Any]]
 def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
     """A clear terminal error for a primary that failed for good with nobody to stand in."""
     served = " -> ".join(primary.served_by) or primary.expert
+    if primary.error_code == "expert_unavailable":
+        code, status = "no_healthy_expert", 503
+    else:
+        code, status = f"primary_{primary.status.value}", 504 if primary.status.value == "timeout" else 502
     return ErrorEvent(
         request_id=request_id,
-        code=f"primary_{primary.status.value}",
+        code=code,
         message=(
             f"primary expert {primary.expert!r} failed with status {primary.status.value} "
             f"after {primary.attempts} attempt(s) on {served}: {primary.error}"
         ),
-        status=504 if primary.status.value == "timeout" else 502,
+        status=status,
     )
 
 

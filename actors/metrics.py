@@ -1,0 +1,38 @@
+"""Metrics: Prometheus series exported through Ray's metrics agent (`ray.util.metrics`)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+
+
+class Metrics:
+    """Every series Chorus exports, created once per process."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "chorus_requests_total", "Requests by route and outcome.", tag_keys=("route", "outcome")
+        )
+        self.tasks = Counter(
+            "chorus_task_outcomes_total", "Task results by expert and status.",
+            tag_keys=("expert", "status"),
+        )
+        self.retries = Counter("chorus_retries_total", "Task retries.", tag_keys=("expert",))
+        self.queue_depth = Gauge("chorus_queue_depth", "Tasks accepted and not yet dispatched.")
+        self.in_flight = Gauge("chorus_in_flight", "Outstanding expert ObjectRefs.")
+        self.ttft = Histogram(
+            "chorus_ttft_seconds", "Time to the first primary token.",
+            boundaries=_LATENCY_BUCKETS, tag_keys=("route",),
+        )
+        self.latency = Histogram(
+            "chorus_request_latency_seconds", "Request latency, accepted to terminal event.",
+            boundaries=_LATENCY_BUCKETS, tag_keys=("route",),
+        )
+
+
+@cache
+def metrics() -> Metrics:
+    return Metrics()
