@@ -24,7 +24,12 @@ from ray.serve import Application
 from actors.metrics import metrics
 from actors.team import Team, unwrap
 from orchestration.config import DEFAULT_CONFIG, ChorusConfig, load_config
-from orchestration.errors import BadRequestError, ChorusError
+from orchestration.errors import (
+    BadRequestError,
+    ChorusError,
+    InvalidJSONError,
+    UnauthorizedError,
+)
 from orchestration.models import OrchestrateRequest, new_id
 from orchestration.openai_compat import (
     TEAM_MODEL,
@@ -106,7 +111,7 @@ class ChorusIngress:
                 "x-api-key", "")
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 what = "wrong API key" if token else "missing API key (Authorization: Bearer …)"
-                raise _Unauthorized(what, field="authorization")
+                raise UnauthorizedError(what, field="authorization")
         return rid
 
     @staticmethod
@@ -114,9 +119,9 @@ class ChorusIngress:
         try:
             body = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _InvalidJSON(f"<body>: invalid JSON: {exc}", field="<body>") from None
+            raise InvalidJSONError(f"<body>: invalid JSON: {exc}", field="<body>") from None
         if not isinstance(body, dict):
-            raise _InvalidJSON("<body>: must be a JSON object", field="<body>")
+            raise InvalidJSONError("<body>: must be a JSON object", field="<body>")
         return body
 
     def _bounds(self, req: OrchestrateRequest) -> None:
@@ -264,16 +269,6 @@ class ChorusIngress:
                 sent += piece
                 yield f"data: {json.dumps(ids.chunk({'content': piece}))}\n\n"
         yield "data: [DONE]\n\n"
-
-
-class _Unauthorized(ChorusError):
-    code = "unauthorized"
-    status = 401
-
-
-class _InvalidJSON(ChorusError):
-    code = "invalid_json"
-    status = 400
 
 
 def _resolve(path: str) -> str:

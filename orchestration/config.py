@@ -59,8 +59,10 @@ class MockOptions(_Section):
     crash_every: NonNegInt = 0
     hang_every: NonNegInt = 0
     garbage_every: NonNegInt = 0
-    # Text appended verbatim to every answer (used to test the guard with fake secrets).
+    # Text appended to every answer (used to test the guard with fake secrets), sent in
+    # pieces of `inject_chunk` characters so that a secret crosses delta boundaries.
     inject: str = ""
+    inject_chunk: NonNegInt = 0
 
 
 class ExpertConfig(_Section):

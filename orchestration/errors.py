@@ -42,6 +42,16 @@ class BadRequestError(ChorusError):
     status = 422
 
 
+class InvalidJSONError(BadRequestError):
+    code = "invalid_json"
+    status = 400
+
+
+class UnauthorizedError(ChorusError):
+    code = "unauthorized"
+    status = 401
+
+
 class UnknownExpertError(BadRequestError):
     code = "unknown_expert"
     status = 404

@@ -79,7 +79,8 @@ class MockEngine:
                 rng = random.Random(n)
                 text = ["".join(chr(rng.randint(0x21, 0x2FF)) for _ in range(6)) for _ in text]
             if opts.inject:
-                text.append(opts.inject)
+                size = opts.inject_chunk or len(opts.inject)
+                text += [opts.inject[i : i + size] for i in range(0, len(opts.inject), size)]
             for i, token in enumerate(text):
                 if i:
                     await asyncio.sleep(opts.token_latency_s)
