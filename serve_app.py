@@ -74,6 +74,12 @@ async def _actor_gone(request: Request, exc: RayActorError) -> JSONResponse:
     return _error_response(503, body, {"Retry-After": "5"})
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _sse(event_type: str, data: dict[str, Any]) -> str:
     return f"event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -203,7 +209,7 @@ class ChorusIngress:
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._admit(request)
-        return await self.team.stats()
+        return {**await self.team.stats(), "ingress": {"node_id": _node_id()}}
 
     # ------------------------------------------------------------------ Python handle API
 
@@ -283,8 +289,8 @@ def _resolve(path: str) -> str:
 def build_app(args: dict[str, str]) -> Application:
     """Application builder: `serve run serve_app:build_app config=config/chaos.yaml`."""
     path = _resolve(args.get("config") or os.environ.get("CHORUS_CONFIG") or DEFAULT_CONFIG)
-    load_config(path)  # a malformed config fails here, naming the field, before any actor
-    return ChorusIngress.bind(path)
+    config = load_config(path)  # a malformed config fails here, naming the field
+    return ChorusIngress.options(ray_actor_options=config.server.resources.ray_options()).bind(path)
 
 
 app = build_app({})

@@ -156,6 +156,7 @@ class ExecutorActor:
     def stats(self) -> dict[str, Any]:
         load = self.load()
         return {
+            "node_id": ray.get_runtime_context().get_node_id(),
             "active": load.active,
             "queued": load.queued,
             "outstanding_refs": len(self._outstanding),

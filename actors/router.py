@@ -23,6 +23,9 @@ class RouterActor:
         load = self.load_override or await self.executor.load.remote()
         return plan_request(request, self.config, load)
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def set_load_override(self, load: ExecutorLoad | None) -> None:
         """Pretend the executor carries `load` (for drills and tests); None to stop."""
         self.load_override = load

@@ -44,20 +44,21 @@ def _expert_options(expert: ExpertConfig, name: str, namespace: str) -> dict[str
 
 
 def _missing_resources(expert: ExpertConfig) -> str:
-    """Say which resource the cluster lacks for this expert."""
-    wanted = {k: v for k, v in expert.actor_options().items() if k in ("num_gpus", "num_cpus")}
-    wanted = {"GPU" if k == "num_gpus" else "CPU": v for k, v in wanted.items() if v}
-    wanted.update(expert.resources.resources)
+    """Say which resource the cluster lacks for this expert, node by node."""
+    options = expert.actor_options()
+    wanted = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 0),
+              **expert.resources.resources}
     if expert.resources.accelerator_type:
         wanted[f"accelerator_type:{expert.resources.accelerator_type}"] = 0.001
-    total = ray.cluster_resources()
-    free = ray.available_resources()
-    parts = [
-        f"{key}={need:g} (cluster total {total.get(key, 0):g}, free {free.get(key, 0):g})"
-        for key, need in wanted.items()
-        if free.get(key, 0) < need
-    ]
-    return ", ".join(parts) or "resources it asks for (none free in time)"
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    parts = []
+    for key, need in wanted.items():
+        largest = max((node.get(key, 0) for node in nodes), default=0)
+        if need and (need > largest or need > free.get(key, 0)):
+            parts.append(f"{key}={need:g} (largest node has {largest:g}; cluster total "
+                         f"{total.get(key, 0):g}, free {free.get(key, 0):g})")
+    return ", ".join(parts) or "resources that stayed busy (see `ray status`)"
 
 
 class Team:
@@ -182,7 +183,9 @@ class Team:
                 return {"error": f"no answer within {timeout_s:g}s (restarting or busy)"}
             return {"error": f"{type(unwrap(stat)).__name__}: {unwrap(stat)}"}
 
+        assert self.router is not None
         return {
+            "router": {"node_id": await self.router.node_id.remote()},
             "executor": await self.executor.stats.remote(),
             "experts": {n: describe(s) for n, s in zip(names, expert_stats, strict=True)},
         }

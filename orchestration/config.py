@@ -175,6 +175,8 @@ class ServerConfig(_Section):
     retry_after_s: PositiveInt = 1
     startup_timeout_s: PositiveFloat = 120.0
     namespace: str = "chorus"
+    # Resources of the Serve ingress replica (e.g. the head's `chorus-control`).
+    resources: ActorResources = Field(default_factory=ActorResources)
 
 
 class ChorusConfig(_Section):
