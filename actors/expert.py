@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,7 +39,9 @@ class ExpertActor:
         self.pid = os.getpid()
         self.node_id = ray.get_runtime_context().get_node_id()
         # Ray re-runs __init__ after a crash; this tells the restart apart from a start.
-        self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray's property warns about an API it uses itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
 
     async def _ensure_started(self) -> None:
         # Started lazily (and once) so that a restarted actor warms its engine up again

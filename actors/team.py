@@ -82,7 +82,9 @@ class Team:
         for expert in config.experts:
             options = _expert_options(expert, team.actor_name(f"expert.{expert.name}"), team.namespace)
             team.experts[expert.name] = ExpertActor.options(**options).remote(expert)
-        common = {"namespace": team.namespace, "get_if_exists": True}
+        # A crashed control actor comes back for the next requests (its in-flight streams
+        # end with an `error` event); its state is per-request, so nothing else is lost.
+        common = {"namespace": team.namespace, "get_if_exists": True, "max_restarts": 3}
         team.executor = ExecutorActor.options(
             name=team.actor_name("executor"),
             max_concurrency=config.executor.max_concurrent_plans,
