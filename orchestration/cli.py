@@ -254,6 +254,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from orchestration.config import load_config
+    from orchestration.errors import ConfigError
+
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    gpus = sum(e.resources.num_gpus for e in config.experts)
+    print(f"ok: {len(config.experts)} experts ({', '.join(config.expert_names)}), "
+          f"{gpus:g} GPUs in all, primary {config.router.primary}, fusion {config.fusion.strategy}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="Ask a team of LLM experts.")
     parser.add_argument("--url", default=os.environ.get("CHORUS_URL", DEFAULT_URL),
@@ -275,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
     sub.add_parser("stats", help="executor and per-expert stats").set_defaults(func=cmd_stats)
     sub.add_parser("models", help="list model ids").set_defaults(func=cmd_models)
+    check = sub.add_parser("check-config", help="validate a config file (no server needed)")
+    check.add_argument("path", nargs="?", help="default: $CHORUS_CONFIG or config/mock.yaml")
+    check.set_defaults(func=cmd_check_config)
     sub.add_parser("prepare-model", add_help=False,
                    help="convert the bundled tiny model (args go to orchestration.modelprep)")
     return parser

@@ -78,3 +78,14 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:
     bad.write_text("experts: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_check_config_command(tmp_path, capsys) -> None:
+    from orchestration.cli import main
+
+    assert main(["check-config", str(ROOT / "config" / "gpu.yaml")]) == 0
+    assert "ok: 4 experts" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts:\n  - {name: general, num_gpus: -1}\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "experts[0].num_gpus" in capsys.readouterr().err
