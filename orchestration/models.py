@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -50,6 +50,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_input(model: type[M], data: Any) -> M:
+    """Validate caller input; a `BadRequestError` names the offending field."""
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object", field="<body>")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise bad_request(exc) from None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,13 +92,7 @@ class OrchestrateRequest(_Model):
 
     @classmethod
     def parse(cls, data: Any) -> OrchestrateRequest:
-        """Validate caller input; a `BadRequestError` names the offending field."""
-        if not isinstance(data, dict):
-            raise BadRequestError("request body must be a JSON object", field="<body>")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise bad_request(exc) from None
+        return parse_input(cls, data)
 
     @field_validator("prompt")
     @classmethod

@@ -10,10 +10,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from orchestration.errors import BadRequestError, ChorusError, UnknownExpertError, bad_request
-from orchestration.models import OrchestrateRequest
+from orchestration.errors import BadRequestError, ChorusError, UnknownExpertError
+from orchestration.models import OrchestrateRequest, parse_input
 
 TEAM_MODEL = "chorus"
 
@@ -55,12 +55,7 @@ class ChatCompletionRequest(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> ChatCompletionRequest:
-        if not isinstance(data, dict):
-            raise BadRequestError("request body must be a JSON object", field="<body>")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise bad_request(exc) from None
+        return parse_input(cls, data)
 
 
 def to_orchestrate(chat: ChatCompletionRequest, experts: list[str], request_id: str,
