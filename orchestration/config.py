@@ -86,9 +86,12 @@ class ExpertConfig(_Section):
 
     @model_validator(mode="after")
     def _gpu_default(self) -> ExpertConfig:
-        # `num_gpus` at the top is the short form; vLLM experts default to one GPU.
+        # `num_gpus` at the top is the short form; vLLM experts default to one GPU (a
+        # CPU team says `num_gpus: 0`), mock experts to none.
         if self.num_gpus is not None:
             self.resources.num_gpus = self.num_gpus
+        elif self.backend == "vllm" and "num_gpus" not in self.resources.model_fields_set:
+            self.resources.num_gpus = 1
         self.num_gpus = self.resources.num_gpus
         return self
 

@@ -89,3 +89,14 @@ def test_check_config_command(tmp_path, capsys) -> None:
     bad.write_text("experts:\n  - {name: general, num_gpus: -1}\n")
     assert main(["check-config", str(bad)]) == 2
     assert "experts[0].num_gpus" in capsys.readouterr().err
+
+
+def test_vllm_experts_default_to_one_gpu_mock_to_none() -> None:
+    data = config_dict("mock")
+    data["experts"][1].update(backend="vllm", model="some/model")
+    data["experts"][2].update(backend="vllm", model="some/model", num_gpus=0)
+    config = parse_config(data)
+    assert [e.resources.num_gpus for e in config.experts] == [0, 1, 0, 0]
+    assert config.experts[1].actor_options()["num_gpus"] == 1
+    cpu = load_config(ROOT / "config" / "cpu.yaml")
+    assert all(e.backend == "vllm" and e.resources.num_gpus == 0 for e in cpu.experts)
