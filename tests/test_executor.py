@@ -240,3 +240,15 @@ async def test_synthesize_fusion_streams_the_synthesizers_answer() -> None:
     assert fusion.content == streamed.strip() and fusion.content.startswith("[critic]")
     assert [(r.expert, r.status.value) for r in fusion.failed] == [("math", "error")]
     assert events[-1].content == fusion.content
+
+
+async def test_dead_primary_with_no_restarts_left_is_a_clear_503() -> None:
+    config = make_config(experts={"general": {"max_restarts": 0, "mock": {"crash_every": 1}}})
+    async with Client.local(config) as client:
+        events = await _events(client, "hello")
+        stats = await client.stats()
+    error = events[-1]
+    assert error.type == "error" and error.code == "no_healthy_expert" and error.status == 503
+    assert "'general'" in error.message and "died or is restarting" in error.message
+    assert "after 3 attempt(s)" in error.message
+    assert "error" in stats["experts"]["general"]  # its stats say it is gone, not a hang
