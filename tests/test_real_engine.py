@@ -1,0 +1,113 @@
+"""The whole stack on a real engine: Serve + HTTP over vLLM (CPU build) and SmolLM2-135M.
+
+Serve starts once for the module with `config/cpu.yaml` (two vLLM experts); every check
+goes through HTTP, the executor and the expert actors, as a user's request would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from orchestration.cli import iter_sse
+from tests.conftest import ROOT, until
+
+pytestmark = [pytest.mark.real_engine, pytest.mark.usefixtures("ray_session")]
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def url():
+    from ray import serve
+
+    from serve_app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(ROOT / "config" / "cpu.yaml")}), name="cpu",
+              route_prefix="/cpu")
+    yield f"http://127.0.0.1:{port}/cpu"
+    serve.delete("cpu")
+    serve.shutdown()
+
+
+def _stream(url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    with httpx.stream("POST", f"{url}/v1/orchestrate", json=body, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        return list(iter_sse(response.iter_lines()))
+
+
+def _primary_text(events: list[tuple[str, dict[str, Any]]]) -> str:
+    return "".join(data["delta"] for kind, data in events if kind == "primary")
+
+
+def _general(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/stats", timeout=30).json()["experts"]["general"]
+
+
+def test_capital_of_france_through_the_whole_stack(url: str) -> None:
+    events = _stream(url, {"prompt": FRANCE, "experts": [], "temperature": 0, "max_tokens": 32})
+    assert [k for k, _ in events][-1] == "done"
+    text = _primary_text(events)
+    assert "Paris" in text
+    assert len([k for k, _ in events if k == "primary"]) > 1  # streamed, not one blob
+    assert events[-1][1]["primary"]["status"] == "success"
+
+
+def test_temperature_zero_is_repeatable_and_streaming_matches(url: str) -> None:
+    body = {"prompt": "Name three primary colours.", "experts": [], "temperature": 0,
+            "max_tokens": 40}
+    first, second = (httpx.post(f"{url}/v1/orchestrate", json={**body, "stream": False},
+                                timeout=300).json() for _ in range(2))
+    assert first["primary"]["result"] == second["primary"]["result"] != ""
+    assert _primary_text(_stream(url, body)) == first["primary"]["result"]
+
+
+def test_cancellation_at_the_deadline_reaches_vllm(url: str) -> None:
+    before = _general(url)
+    events = _stream(url, {"prompt": "Write a very long story about the sea.", "experts": [],
+                           "max_tokens": 1000, "temperature": 0.8, "timeout_s": 1.5})
+    kind, error = events[-1]
+    assert kind == "error" and error["code"] == "primary_timeout", error
+    assert "after 3 attempt(s)" in error["message"]
+
+    async def engine_idle() -> bool:
+        stats = _general(url)
+        return stats["engine_running"] == 0 and stats["engine_unfinished"] == 0
+
+    import asyncio
+
+    asyncio.run(until(engine_idle, timeout=60, what="vLLM's running count back to 0"))
+    after = _general(url)
+    assert after["aborted"] - before.get("aborted", 0) == 3
+    # The slot is free: the expert serves the next request.
+    again = _stream(url, {"prompt": FRANCE, "experts": [], "temperature": 0, "max_tokens": 24})
+    assert "Paris" in _primary_text(again)
+
+
+def test_killed_expert_process_restarts_and_the_request_succeeds(url: str) -> None:
+    pid = _general(url)["pid"]
+    body = {"prompt": "Count from one to twenty in words.", "experts": [], "temperature": 0,
+            "max_tokens": 120}
+    with httpx.stream("POST", f"{url}/v1/orchestrate", json=body, timeout=300) as response:
+        events = []
+        for event in iter_sse(response.iter_lines()):
+            events.append(event)
+            if event[0] == "primary" and len(events) == 2:
+                os.kill(pid, signal.SIGKILL)  # the GPU worker "crashes" mid-generation
+    kind, done = events[-1]
+    assert kind == "done", done
+    primary = done["primary"]
+    assert primary["status"] == "success" and primary["attempts"] == 2
+    assert _primary_text(events) == primary["result"]  # the retry resumed, no duplicate text
+    stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+    assert stats["experts"]["general"]["pid"] != pid
+    assert stats["experts"]["general"]["reconstructed"] is True
+    assert stats["executor"]["restarts_seen"]["general"] == 1
