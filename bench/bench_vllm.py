@@ -1,4 +1,4 @@
-"""Throughput of vLLM raw vs. behind Chorus's engine protocol, on the same prompts.
+"""Throughput of vLLM raw vs. behind Chorus (engine protocol, and the whole stack).
 
     python bench/bench_vllm.py --requests 8 --max-tokens 64
 
@@ -128,7 +128,36 @@ async def engine_target(expert: ExpertConfig, args: argparse.Namespace) -> Async
         await engine.shutdown()
 
 
-TARGETS: dict[str, TargetFactory] = {"direct": direct_target, "engine": engine_target}
+@asynccontextmanager
+async def chorus_target(expert: ExpertConfig, args: argparse.Namespace) -> AsyncIterator[Generate]:
+    """The whole path of a request: client, router, executor, expert actor, engine."""
+    import ray
+
+    from orchestration.client import Client
+
+    config = load_config(args.config)
+    solo = expert.model_copy(update={"fallback": None})
+    team = config.model_copy(update={
+        "experts": [solo], "router": config.router.model_copy(update={"primary": solo.name})})
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        async with Client.local(team) as client:
+
+            async def generate(prompt: str) -> str:
+                result = await client.run(prompt, experts=[], temperature=0.0,
+                                          max_tokens=args.max_tokens)
+                return result.primary.result or ""
+
+            yield generate
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+TARGETS: dict[str, TargetFactory] = {
+    "direct": direct_target, "engine": engine_target, "chorus": chorus_target}
 
 
 async def measure(name: str, generate: Generate, prompts: list[str], count: Callable) -> Result:
