@@ -99,11 +99,6 @@ class ExecutorActor:
 
     # ------------------------------------------------------------------ public API
 
-    def _report_load(self) -> None:
-        load = self.load()
-        metrics().queue_depth.set(load.queued)
-        metrics().in_flight.set(load.active)
-
     def load(self) -> ExecutorLoad:
         active = self.scheduler.occupancy.total
         return ExecutorLoad(active=active, queued=self._unfinished - active)
@@ -172,6 +167,11 @@ class ExecutorActor:
         }
 
     # ------------------------------------------------------------------ plan life
+
+    def _report_load(self) -> None:
+        load = self.load()
+        metrics().queue_depth.set(load.queued)
+        metrics().in_flight.set(load.active)
 
     def _admit(self, plan: ExecutionPlan) -> None:
         queued = self.load().queued
@@ -260,6 +260,10 @@ class ExecutorActor:
         candidates = [task.expert] + ([fb] if (fb := self.fallbacks.get(task.expert)) else [])
         try:
             for expert in candidates:
+                # Retries on one expert replay the same text (same seed), so the stream
+                # resumes after what was sent; a fallback's answer differs, so it restarts
+                # (its deltas carry a new `attempt`, which tells the caller).
+                emitted[0] = 0
                 try:
                     async for attempt in build_retrying(self.config.executor.retry, waited):
                         with attempt:

@@ -150,8 +150,8 @@ async def test_chaos_schedule_of_the_seeds() -> None:
     assert counters["retried"] > 0 and counters.get("timed_out", 0) + counters["succeeded"] > 0
 
 
-async def _events(client: Client, prompt: str) -> list[Any]:
-    return [e async for e in client.stream(prompt)]
+async def _events(client: Client, prompt: str, **options: Any) -> list[Any]:
+    return [e async for e in client.stream(prompt, **options)]
 
 
 async def test_crashed_expert_is_restarted_and_the_task_retried() -> None:
@@ -252,3 +252,19 @@ async def test_dead_primary_with_no_restarts_left_is_a_clear_503() -> None:
     assert "'general'" in error.message and "died or is restarting" in error.message
     assert "after 3 attempt(s)" in error.message
     assert "error" in stats["experts"]["general"]  # its stats say it is gone, not a hang
+
+
+async def test_fallback_after_partial_stream_restarts_the_answer() -> None:
+    # general streams 2-3 tokens then misses its 0.5 s deadline, three times; critic answers.
+    config = make_config(experts={"general": {
+        "fallback": "critic", "mock": {"tokens": 10, "ttft_s": 0.0, "token_latency_s": 0.2}}})
+    async with Client.local(config) as client:
+        events = await _events(client, "hello", timeout_s=0.5)
+    done = events[-1]
+    assert done.type == "done" and done.primary.ok
+    assert done.primary.served_by == ["general"] * 3 + ["critic"]
+    first = "".join(e.delta for e in events if e.type == "primary" and e.attempt == 1)
+    fallback = "".join(e.delta for e in events if e.type == "primary" and e.attempt == 4)
+    assert first.startswith("[general]") and fallback == done.primary.result
+    assert fallback.startswith("[critic]")  # whole, not cut where general had stopped
+    assert {e.attempt for e in events if e.type == "primary"} == {1, 4}  # retries replayed
