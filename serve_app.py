@@ -44,6 +44,8 @@ from orchestration.openai_compat import (
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Chorus", summary="A team of LLM experts behind one endpoint.")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Metric tag `route`: the URL path for HTTP, `handle` for Python deployment-handle calls.
+ORCHESTRATE, CHAT = "/v1/orchestrate", "/v1/chat/completions"
 
 
 def _request_id(request: Request) -> str:
@@ -150,7 +152,7 @@ class ChorusIngress:
 
     # ------------------------------------------------------------------ routes
 
-    @api.post("/v1/orchestrate")
+    @api.post(ORCHESTRATE)
     async def orchestrate(self, request: Request) -> Any:
         rid = self._admit(request)
         body = await self._body(request)
@@ -160,9 +162,9 @@ class ChorusIngress:
         req = OrchestrateRequest.parse({**body, "id": rid})
         first, events = await self._start(req)
         if stream:
-            return StreamingResponse(self._relay(first, events, "orchestrate"),
+            return StreamingResponse(self._relay(first, events, ORCHESTRATE),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        final = [event async for event in self._timed(first, events, "orchestrate")][-1]
+        final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message),
                                 status_code=final.status)
@@ -173,7 +175,7 @@ class ChorusIngress:
             "timings": final.timings,
         })
 
-    @api.post("/v1/chat/completions")
+    @api.post(CHAT)
     async def chat_completions(self, request: Request) -> Any:
         rid = self._admit(request)
         chat = ChatCompletionRequest.parse(await self._body(request))
@@ -184,7 +186,7 @@ class ChorusIngress:
             include = bool(chat.stream_options and chat.stream_options.include_usage)
             chunks = self._chat_chunks(first, events, ids, req.prompt, include)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-        final = [event async for event in self._timed(first, events, "chat")][-1]
+        final = [event async for event in self._timed(first, events, CHAT)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message),
                                 status_code=final.status)
@@ -258,7 +260,7 @@ class ChorusIngress:
         text_events = "fusion_delta" if synthesizing else "primary"
         sent, tokens = "", 0
         yield f"data: {json.dumps(ids.chunk({'role': 'assistant', 'content': ''}))}\n\n"
-        async for event in self._timed(first, events, "chat"):
+        async for event in self._timed(first, events, CHAT):
             piece = ""
             if event.type == text_events:
                 piece, tokens = event.delta, tokens + 1

@@ -293,6 +293,28 @@ async def test_disconnect_cancels_every_task_of_the_request(guarded: str) -> Non
         assert experts["math"]["completed"] == 0
 
 
+# --------------------------------------------------------------------------- metrics
+
+
+async def test_prometheus_metrics_are_exported(base_url) -> None:
+    import ray
+
+    url, _ = base_url
+    _sse(url, {"prompt": "review python code", "max_tokens": 6})
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ('ray_chorus_requests_total{', 'route="/v1/orchestrate"', 'outcome="ok"',
+              'ray_chorus_task_outcomes_total{', 'status="success"',
+              "ray_chorus_ttft_seconds_bucket", "ray_chorus_request_latency_seconds_bucket",
+              "ray_chorus_in_flight", "ray_chorus_queue_depth")
+
+    async def exported() -> bool:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+        return all(w in text for w in wanted)
+
+    await until(exported, timeout=60, what="Chorus series on Ray's Prometheus endpoint")
+
+
 # --------------------------------------------------------------------------- handles
 
 
