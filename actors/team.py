@@ -14,7 +14,7 @@ from actors.executor import ExecutorActor
 from actors.expert import ExpertActor
 from actors.router import RouterActor
 from orchestration.config import ChorusConfig, ExpertConfig
-from orchestration.errors import ChorusError, PlacementError
+from orchestration.errors import ChorusError, NoHealthyExpertError, PlacementError
 from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest
 from orchestration.pipeline import finish_stream
 
@@ -124,7 +124,13 @@ class Team:
                 f"cannot place the team within {timeout_s:g}s: " + "; ".join(details),
                 field=f"experts.{late[0]}" if late[0] in self.experts else None,
             )
-        await asyncio.gather(*refs)  # surface an expert whose engine failed to start
+        for name, ref in pending.items():  # placed, but did its engine start?
+            try:
+                await ref
+            except Exception as exc:
+                raise NoHealthyExpertError(
+                    f"{name} failed to start: {unwrap(exc)}", field=f"experts.{name}"
+                ) from None
 
     async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
         """One request end to end: plan, dispatch, guard, fusion; ends in done or error.
@@ -164,8 +170,8 @@ class Team:
         assert self.executor is not None
         gen = self.executor.run_task.options(num_returns="streaming").remote(task, True)
         try:
-            async for ref in gen:
-                yield await ref
+            async for event in self._events(gen):
+                yield event
         finally:
             ray.cancel(gen)
 

@@ -268,3 +268,16 @@ async def test_fallback_after_partial_stream_restarts_the_answer() -> None:
     assert first.startswith("[general]") and fallback == done.primary.result
     assert fallback.startswith("[critic]")  # whole, not cut where general had stopped
     assert {e.attempt for e in events if e.type == "primary"} == {1, 4}  # retries replayed
+
+
+async def test_an_engine_that_cannot_start_is_named() -> None:
+    config = make_config(experts={"math": {"backend": "vllm", "model": "/nonexistent/model",
+                                           "num_gpus": 0}},
+                         server={"startup_timeout_s": 120})
+    from orchestration.errors import NoHealthyExpertError
+
+    with pytest.raises(NoHealthyExpertError) as info:
+        async with Client.local(config):
+            pass
+    assert info.value.message.startswith("math failed to start:")
+    assert info.value.field == "experts.math"
