@@ -281,3 +281,17 @@ async def test_an_engine_that_cannot_start_is_named() -> None:
             pass
     assert info.value.message.startswith("math failed to start:")
     assert info.value.field == "experts.math"
+
+
+async def test_router_actor_reads_load_and_degrades_the_plan() -> None:
+    from orchestration.models import ExecutorLoad, OrchestrateRequest
+
+    async with Client.local(make_config()) as client:
+        router = client.team.router
+        request = OrchestrateRequest(prompt="review the python code and calculate the sum")
+        idle = await router.plan.remote(request)
+        await router.set_load_override.remote(ExecutorLoad(active=16, queued=40))
+        swamped = await router.plan.remote(request)
+    assert idle.strategy is ExecutionStrategy.PARALLEL_FULL and len(idle.experts) == 3
+    assert swamped.strategy is ExecutionStrategy.SERIAL
+    assert [t.expert for t in swamped.experts] == ["code"]

@@ -339,6 +339,16 @@ async def test_connect_streams_the_same_events_as_http(base_url) -> None:
     assert result.content == over_http[-1][1]["content"]
 
 
+def test_connect_sync_helpers(base_url) -> None:
+    client = Client.connect("chorus")
+    result = client.run_sync("hello", max_tokens=5)
+    assert result.primary.ok and result.content.startswith("[general]")
+    events = client.stream_sync("hello", max_tokens=5)
+    assert events[0].type == "plan" and events[-1].type == "done"
+    assert events[-1].content == result.content  # the mock is deterministic
+    assert client.stats_sync()["executor"]["active"] == 0
+
+
 async def test_deleting_the_application_removes_its_actors(guarded: str) -> None:
     from ray import serve
 
