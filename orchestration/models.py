@@ -88,6 +88,8 @@ class OrchestrateRequest(_Model):
     timeout_s: Annotated[float, Field(gt=0)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    # Sampling seed for every task; unset, each task gets a stable one of its own.
+    seed: int | None = None
     id: str = Field(default_factory=lambda: new_id("req"))
 
     @classmethod

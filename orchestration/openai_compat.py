@@ -79,7 +79,7 @@ def to_orchestrate(chat: ChatCompletionRequest, experts: list[str], request_id: 
         prompt = f"{system}\n\n{prompt}"
     data: dict[str, Any] = {"prompt": prompt, "id": request_id, "priority": priority,
                             "max_tokens": chat.max_completion_tokens or chat.max_tokens,
-                            "temperature": chat.temperature}
+                            "temperature": chat.temperature, "seed": chat.seed}
     if chat.model != TEAM_MODEL:
         data.update(primary=chat.model, experts=[])
     try:

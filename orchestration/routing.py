@@ -88,6 +88,7 @@ def plan_request(
         temperature=(
             request.temperature if request.temperature is not None else InferenceOptions().temperature
         ),
+        seed=request.seed,
     )
     timeout_s = request.timeout_s or config.executor.task_timeout_s
 
@@ -103,6 +104,7 @@ def plan_request(
             timeout_s=timeout_s,
             max_tokens=options.max_tokens,
             temperature=options.temperature,
+            seed=options.seed,
             request_id=request.id,
         )
 

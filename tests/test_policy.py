@@ -140,3 +140,15 @@ async def test_retry_policy_does_not_retry_bad_input() -> None:
                 calls += 1
                 raise BadRequestError("bad")
     assert calls == 1
+
+
+def test_the_callers_seed_reaches_every_task() -> None:
+    from orchestration.openai_compat import ChatCompletionRequest, to_orchestrate
+
+    config = make_config()
+    plan = plan_request(OrchestrateRequest(prompt="review python code", seed=7), config)
+    assert plan.options.seed == 7 and {t.seed for t in plan.tasks} == {7}
+    chat = ChatCompletionRequest.parse(
+        {"model": "code", "seed": 11, "messages": [{"role": "user", "content": "hi"}]})
+    assert to_orchestrate(chat, config.expert_names, "r1").seed == 11
+    assert plan_request(OrchestrateRequest(prompt="hi"), config).primary.seed is None

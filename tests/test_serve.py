@@ -170,6 +170,21 @@ def test_openai_client_chat_completions(base_url) -> None:
         assert text.startswith(f"[{'general' if model == 'chorus' else 'code'}]")
 
 
+def test_openai_seed_changes_the_sample_and_repeats_it(base_url) -> None:
+    import openai
+
+    url, _ = base_url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+    def ask(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model="general", seed=seed, max_tokens=8,
+            messages=[{"role": "user", "content": "hello"}])
+        return reply.choices[0].message.content
+
+    assert ask(1) == ask(1) != ask(2)  # the mock samples from (expert, prompt, seed)
+
+
 def test_cli_ask_and_stats_against_the_server(base_url) -> None:
     url, _ = base_url
     run = subprocess.run([sys.executable, "-m", "orchestration.cli", "--url", url, "ask",
