@@ -132,14 +132,13 @@ class ExecutorActor:
         self._admit(plan)
         return list(await asyncio.gather(*self._launch(plan, lambda _event: None)))
 
-    async def run_task(self, task: ExpertTask, on_delta: bool = False) -> AsyncIterator[Any]:
-        """One extra task (e.g. fusion's synthesis) as its own one-task plan."""
+    async def run_task(self, task: ExpertTask) -> AsyncIterator[Any]:
+        """One extra task (e.g. fusion's synthesis) as its own one-task plan, streamed."""
         plan = ExecutionPlan(
             request_id=task.request_id or task.id, strategy="SERIAL", primary=task
         )
         async for event in self.stream(plan):
-            if on_delta or not isinstance(event, PrimaryDelta):
-                yield event
+            yield event
 
     def cancel(self, request_id: str) -> int:
         """Cancel every task of a request; each still ends with a `cancelled` result."""

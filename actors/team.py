@@ -109,7 +109,7 @@ class Team:
         assert self.executor is not None and self.router is not None
         pending = {name: h.ready.remote() for name, h in self.experts.items()}
         pending["executor"] = self.executor.load.remote()
-        pending["router"] = self.router.set_load_override.remote(None)
+        pending["router"] = self.router.node_id.remote()
         refs = list(pending.values())
         ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
         late = [name for name, ref in pending.items() if ref not in ready]
@@ -168,7 +168,7 @@ class Team:
 
     async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None
-        gen = self.executor.run_task.options(num_returns="streaming").remote(task, True)
+        gen = self.executor.run_task.options(num_returns="streaming").remote(task)
         try:
             async for event in self._events(gen):
                 yield event
