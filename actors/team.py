@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.executor import ExecutorActor
 from actors.expert import ExpertActor
@@ -24,6 +24,19 @@ def unwrap(exc: BaseException) -> BaseException:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, ChorusError):
         return exc.cause
     return exc
+
+
+def _after_acceptance(request_id: str, error: BaseException) -> ErrorEvent:
+    """The terminal event for a failure after the request was accepted."""
+    if isinstance(error, ChorusError):
+        return ErrorEvent(request_id=request_id, code=error.code, message=error.message,
+                          status=error.status)
+    if isinstance(error, RayActorError):  # it restarts (max_restarts): the caller may retry
+        return ErrorEvent(request_id=request_id, code="unavailable", status=503,
+                          message="the Chorus executor died mid-request and is restarting; "
+                                  "retry shortly")
+    return ErrorEvent(request_id=request_id, code="internal_error", status=500,
+                      message=f"{type(error).__name__}: {error}")
 
 
 def _expert_options(expert: ExpertConfig, name: str, namespace: str) -> dict[str, Any]:
@@ -152,9 +165,7 @@ class Team:
                 yield event
         except Exception as exc:
             if not finished:
-                error = unwrap(exc)
-                code = getattr(error, "code", "internal_error")
-                yield ErrorEvent(request_id=request.id, code=code, message=str(error))
+                yield _after_acceptance(request.id, unwrap(exc))
         finally:
             if not finished:
                 # The caller went away (or failed): nothing of this request may keep running.

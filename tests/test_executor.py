@@ -295,3 +295,26 @@ async def test_router_actor_reads_load_and_degrades_the_plan() -> None:
     assert idle.strategy is ExecutionStrategy.PARALLEL_FULL and len(idle.experts) == 3
     assert swamped.strategy is ExecutionStrategy.SERIAL
     assert [t.expert for t in swamped.experts] == ["code"]
+
+
+async def test_executor_crash_ends_the_request_clearly_and_the_service_comes_back() -> None:
+    import ray
+
+    config = make_config(experts={"general": {"mock": {"tokens": 30, "token_latency_s": 0.1}}})
+    async with Client.local(config) as client:
+        events: list[Any] = []
+        async for event in client.stream("hello"):
+            events.append(event)
+            if event.type == "primary" and len(events) == 2:
+                ray.kill(client.team.executor, no_restart=False)  # as a crash would
+        error = events[-1]
+        assert error.type == "error" and error.code == "unavailable" and error.status == 503
+        assert "executor" in error.message
+
+        async def back() -> bool:
+            try:
+                return (await client.run("hello again")).primary.ok
+            except Exception:  # still restarting
+                return False
+
+        await until(back, timeout=60, what="the restarted executor serving again")
