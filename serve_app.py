@@ -66,7 +66,9 @@ async def _chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
         headers["Retry-After"] = str(getattr(request.state, "retry_after", 1))
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    metrics().requests.inc(tags={"route": request.url.path, "outcome": exc.code})
+    # The matched route's template, not the URL: the same tag under any route prefix.
+    route = getattr(request.scope.get("route"), "path", request.url.path)
+    metrics().requests.inc(tags={"route": route, "outcome": exc.code})
     return _error_response(exc.status, error_from(exc), headers)
 
 

@@ -311,11 +311,13 @@ async def test_disconnect_cancels_every_task_of_the_request(guarded: str) -> Non
 # --------------------------------------------------------------------------- metrics
 
 
-async def test_prometheus_metrics_are_exported(base_url) -> None:
+async def test_prometheus_metrics_are_exported(base_url, guarded: str) -> None:
     import ray
 
     url, _ = base_url
     _sse(url, {"prompt": "review python code", "max_tokens": 6})
+    refused = httpx.post(f"{guarded}/v1/orchestrate", json={"prompt": "x"}, timeout=30)
+    assert refused.status_code == 401
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ('ray_chorus_requests_total{', 'route="/v1/orchestrate"', 'outcome="ok"',
               'ray_chorus_task_outcomes_total{', 'status="success"',
@@ -325,7 +327,12 @@ async def test_prometheus_metrics_are_exported(base_url) -> None:
     async def exported() -> bool:
         async with httpx.AsyncClient() as http:
             text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
-        return all(w in text for w in wanted)
+        # Tagged by route template, so the prefixed app's 401 counts under the same route.
+        unauthorized = [line for line in text.splitlines()
+                        if line.startswith("ray_chorus_requests_total{")
+                        and 'outcome="unauthorized"' in line]
+        return all(w in text for w in wanted) and bool(unauthorized) and all(
+            'route="/v1/orchestrate"' in line for line in unauthorized)
 
     await until(exported, timeout=60, what="Chorus series on Ray's Prometheus endpoint")
 
