@@ -25,9 +25,11 @@ class RouterActor:
         self.load = ExecutorLoad()
         self.load_override: ExecutorLoad | None = None
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def plan(self, request: OrchestrateRequest) -> ExecutionPlan:
         return plan_request(request, self.config, self.load_override or self.load)
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     def set_load(self, active: int, queued: int) -> None:
         self.load = ExecutorLoad(active=active, queued=queued)
 

@@ -161,7 +161,7 @@ class StreamConfig(_Section):
 
     # After the first batch (sent at once), a stream sends at most one batch per
     # `max_hold_s`: text that arrives sooner waits at most this long and leaves merged.
-    max_hold_s: NonNegFloat = 0.02
+    max_hold_s: NonNegFloat = 0.05
     # Ray generator backpressure: batches in flight before the producer waits (and
     # merges what piles up meanwhile).
     backpressure_objects: PositiveInt = 1
