@@ -14,7 +14,12 @@ from actors.executor import ExecutorActor
 from actors.expert import ExpertActor
 from actors.router import RouterActor
 from orchestration.config import ChorusConfig, ExpertConfig
-from orchestration.errors import ChorusError, NoHealthyExpertError, PlacementError
+from orchestration.errors import (
+    ChorusError,
+    NoHealthyExpertError,
+    PlacementError,
+    RouterModelError,
+)
 from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest
 from orchestration.pipeline import finish_stream
 
@@ -122,7 +127,7 @@ class Team:
         assert self.executor is not None and self.router is not None
         pending = {name: h.ready.remote() for name, h in self.experts.items()}
         pending["executor"] = self.executor.load.remote()
-        pending["router"] = self.router.node_id.remote()
+        pending["router"] = self.router.ready.remote()
         refs = list(pending.values())
         ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
         late = [name for name, ref in pending.items() if ref not in ready]
@@ -141,6 +146,8 @@ class Team:
             try:
                 await ref
             except Exception as exc:
+                if isinstance(unwrap(exc), RouterModelError):  # names the router's model
+                    raise unwrap(exc) from None
                 raise NoHealthyExpertError(
                     f"{name} failed to start: {unwrap(exc)}", field=f"experts.{name}"
                 ) from None
@@ -204,7 +211,7 @@ class Team:
 
         assert self.router is not None
         return {
-            "router": {"node_id": await self.router.node_id.remote()},
+            "router": await self.router.stats.remote(),
             "executor": await self.executor.stats.remote(),
             "experts": {n: describe(s) for n, s in zip(names, expert_stats, strict=True)},
         }

@@ -69,6 +69,13 @@ class NoHealthyExpertError(ChorusError):
     status = 503
 
 
+class RouterModelError(ChorusError):
+    """The router's embedding model cannot load (missing package, unreadable files)."""
+
+    code = "router_model_unavailable"
+    status = 503
+
+
 class PlacementError(ChorusError):
     """The cluster cannot hold an actor (not enough GPUs or custom resources)."""
 
