@@ -71,7 +71,7 @@ def describe_scores(config: ChorusConfig, method: str, scores: Mapping[str, floa
     parts = []
     for name, score in sorted(scores.items(), key=lambda item: -item[1]):
         bar = threshold(config, method, config.expert(name))
-        parts.append(f"{name} {score:.2f}{'>=' if score >= bar else '<'}{bar:g}")
+        parts.append(f"{name} {score:.3f}{'>=' if score >= bar else '<'}{bar:g}")
     return f"{method} scores: {', '.join(parts)}"
 
 
