@@ -286,9 +286,10 @@ async def test_an_engine_that_cannot_start_is_named() -> None:
 async def test_router_actor_reads_load_and_degrades_the_plan() -> None:
     from orchestration.models import ExecutorLoad, OrchestrateRequest
 
-    async with Client.local(make_config()) as client:
+    async with Client.local(make_config(router={"method": "keywords"})) as client:
         router = client.team.router
-        request = OrchestrateRequest(prompt="review the python code and calculate the sum")
+        request = OrchestrateRequest(prompt="review the python code and calculate the sum",
+                                     primary="general")
         idle = await router.plan.remote(request)
         await router.set_load_override.remote(ExecutorLoad(active=16, queued=40))
         swamped = await router.plan.remote(request)
