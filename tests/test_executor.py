@@ -171,7 +171,7 @@ async def test_crashed_expert_is_restarted_and_the_task_retried() -> None:
 async def test_failed_expert_does_not_fail_the_plan() -> None:
     config = make_config(experts={"math": {"mock": {"fail_every": 1}}})
     async with Client.local(config) as client:
-        events = await _events(client, "calculate the sum")
+        events = await _events(client, "calculate the sum", primary="general")
     kinds = [e.type for e in events]
     assert kinds[0] == "plan" and kinds[-2:] == ["fusion", "done"]
     assert kinds.count("primary") >= 2
