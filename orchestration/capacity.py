@@ -55,8 +55,7 @@ def placement_problems(config: ChorusConfig, nodes: list[dict[str, float]]) -> l
 
 
 def _replicas(expert: ExpertConfig) -> int:
-    replicas = getattr(expert, "replicas", None)
-    return getattr(replicas, "initial", 1) if replicas is not None else 1
+    return expert.replicas.initial or expert.replicas.min
 
 
 def _fmt(resources: dict[str, float]) -> str:
