@@ -40,9 +40,12 @@ from orchestration.openai_compat import (
     to_orchestrate,
     usage,
 )
+from orchestration.telemetry import RequestWindow
+from orchestration.web import add_pages, page_options
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Chorus", summary="A team of LLM experts behind one endpoint.")
+add_pages(api)  # the playground at `/`, the operations view at `/ops`
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Metric tag `route`: the URL path for HTTP, `handle` for Python deployment-handle calls.
 ORCHESTRATE, CHAT = "/v1/orchestrate", "/v1/chat/completions"
@@ -103,6 +106,7 @@ class ChorusIngress:
         self.api_key = os.environ.get("CHORUS_API_KEY") or self.config.server.api_key
         app = serve.get_replica_context().app_name or "chorus"
         self.team = await Team.start(self.config, name=f"chorus-{app}")
+        self.telemetry = RequestWindow()  # requests/s and percentiles for `/v1/stats`
         logger.info("Chorus team %s ready: %s", self.team.name, ", ".join(self.team.experts))
 
     def __del__(self) -> None:
@@ -213,7 +217,13 @@ class ChorusIngress:
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._admit(request)
-        return {**await self.team.stats(), "ingress": {"node_id": _node_id()}}
+        return {**await self.team.stats(), "ingress": {"node_id": _node_id()},
+                "requests": self.telemetry.snapshot()}
+
+    @api.get("/v1/options")
+    async def options(self) -> dict[str, Any]:
+        """The team and the request options, for the playground's form."""
+        return page_options(self.team.config, auth=bool(self.api_key))
 
     # ------------------------------------------------------------------ Python handle API
 
@@ -235,12 +245,13 @@ class ChorusIngress:
     async def _timed(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[Any]:
         """Relay events, closing the team stream (cancelling its tasks) if we stop early."""
         started = time.monotonic()
-        outcome = "disconnected"
+        outcome, ttft = "disconnected", None
         try:
             yield first
             async for event in events:
                 if event.type == "primary" and outcome == "disconnected":
-                    metrics().ttft.observe(time.monotonic() - started, tags={"route": route})
+                    ttft = time.monotonic() - started
+                    metrics().ttft.observe(ttft, tags={"route": route})
                     outcome = "streaming"
                 if event.type in ("done", "error"):
                     outcome = "ok" if event.type == "done" else event.code
@@ -249,7 +260,9 @@ class ChorusIngress:
         finally:
             await events.aclose()  # caller gone: Team.stream cancels every task
             metrics().requests.inc(tags={"route": route, "outcome": outcome})
-            metrics().latency.observe(time.monotonic() - started, tags={"route": route})
+            latency = time.monotonic() - started
+            metrics().latency.observe(latency, tags={"route": route})
+            self.telemetry.record(latency, ttft, "disconnected" if outcome == "streaming" else outcome)
 
     async def _relay(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[str]:
         async for event in self._timed(first, events, route):

@@ -1,0 +1,85 @@
+"""The page routes and what ships with them, without Ray or a browser (FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from orchestration.web import STATIC, add_pages, page_options
+from tests.conftest import ROOT, make_config
+
+
+def _client(root_path: str = "") -> TestClient:
+    app = FastAPI()
+    add_pages(app)
+    return TestClient(app, root_path=root_path)
+
+
+@pytest.mark.parametrize(("path", "page"), [("/", "playground"), ("/ops", "operations")])
+@pytest.mark.parametrize("prefix", ["", "/chaos"])
+def test_pages_carry_the_route_prefix_in_their_base(path: str, page: str, prefix: str) -> None:
+    response = _client(prefix).get(path)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert f'<base href="{prefix}/">' in response.text and f"Chorus · {page}" in response.text
+
+
+@pytest.mark.parametrize("page", ["/", "/ops"])
+def test_every_file_a_page_refers_to_is_served_with_its_type(page: str) -> None:
+    client = _client()
+    refs = re.findall(r'(?:src|href)="(static/[^"]+)"', client.get(page).text)
+    assert any(r.endswith(".js") for r in refs) and any(r.endswith(".css") for r in refs)
+    for ref in refs:
+        response = client.get(f"/{ref}")
+        assert response.status_code == 200, ref
+        kind = "text/javascript" if ref.endswith(".js") else "text/css"
+        assert response.headers["content-type"].startswith(kind)
+
+
+def test_nothing_is_fetched_from_elsewhere() -> None:
+    for path in STATIC.iterdir():
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"https?://|//cdn|@import|fetch\(\s*['\"`]/", text), path.name
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", "/nope", 404, "not_found"),
+    ("GET", "/static/missing.js", 404, "not_found"),
+    ("GET", "/static/..%2F__init__.py", 404, "not_found"),
+    ("GET", "/static/playground.html", 404, "not_found"),  # pages only under their route
+    ("POST", "/ops", 405, "method_not_allowed"),
+])
+def test_unknown_routes_answer_the_documented_error_shape(method: str, path: str, status: int,
+                                                          code: str) -> None:
+    response = _client().request(method, path)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and set(error) == {
+        "message", "type", "param", "code"}
+
+
+def test_static_files_are_package_data() -> None:
+    """Every file the pages need is matched by pyproject's package-data globs."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "orchestration.web" in setuptools["packages"]
+    globs = setuptools["package-data"]["orchestration.web"]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.iterdir()]
+    assert len(files) >= 6
+    for name in files:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} would not be installed"
+
+
+def test_page_options_describe_the_team_and_its_bounds() -> None:
+    config = make_config(server={"max_tokens_limit": 999}, router={"primary": "code"})
+    options = page_options(config, auth=True)
+    assert [e["name"] for e in options["experts"]] == ["general", "code", "math", "critic"]
+    assert options["experts"][1]["keywords"][:2] == ["code", "python"]
+    assert options["primary"] == "code" and options["auth"] is True
+    assert options["max_tokens"] == {"default": 256, "limit": 999}
+    assert options["strategies"] == ["SERIAL", "PARALLEL_LIMITED", "PARALLEL_FULL"]
+    assert options["priorities"] == ["high", "normal", "low"]
+    assert isinstance(options["stream_experts"], bool)
