@@ -1,0 +1,300 @@
+"""The pages in a real browser: Debian's headless Chromium, driven by Playwright.
+
+Serve starts once for the module: `serve run serve_app:app` (the default mock team,
+fixture `base_url`) and, in-process, app `chaos` at `/chaos`: config/chaos.yaml with an
+API key and a critic that fails every call. Screenshots go to `$CHORUS_SCREENSHOTS`, or
+to a temporary folder; the test never writes into the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from orchestration.cli import iter_sse
+from tests.conftest import config_dict
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.browser]
+KEY = "chaos-key-7"
+WAIT_MS = 60_000  # an upper bound for a loaded machine; the checks poll, they never sleep
+FINAL_STATES = {"done", "failed", "timeout", "cancelled"}
+# Chromium without a window, a GPU, a sandbox (we are root) or any call home.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = os.environ.get("CHORUS_CHROMIUM") or shutil.which("chromium")
+    if not executable:
+        pytest.fail("Debian's `chromium` is not installed: run `make install-test`")
+    with sync_playwright() as playwright:
+        # Playwright gives the browser a fresh, temporary profile.
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("CHORUS_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chaos_url(base_url, serve_port: int, tmp_path_factory) -> Iterator[str]:
+    # After `base_url`, so removed before it: `serve run` shuts Serve down when it stops.
+    from ray import serve
+
+    from serve_app import build_app
+
+    data = config_dict("chaos")
+    for expert in data["experts"]:
+        if expert["name"] == "critic":  # a new dict: the YAML anchor shares one between experts
+            expert["mock"] = {**expert["mock"], "fail_every": 1}
+    data.setdefault("server", {})["api_key"] = KEY
+    path = tmp_path_factory.mktemp("cfg") / "chaos.yaml"
+    path.write_text(yaml.safe_dump(data))
+    serve.run(build_app({"config": str(path)}), name="chaos", route_prefix="/chaos")
+    yield f"http://127.0.0.1:{serve_port}/chaos"
+    serve.delete("chaos")
+
+
+def _shot(page, shots: Path, name: str) -> None:
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000  # a rendered page, not an empty canvas
+
+
+def _ready(page, url: str) -> None:
+    """Open the playground and wait until its options came from the server."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/")
+    expect(page.locator("#expert-choices input")).to_have_count(4)
+
+
+# --------------------------------------------------------------------------- playground
+
+
+def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
+        base_url, page, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    _ready(page, url)
+    page.fill("#prompt", "Review this Python code for a bug")
+    # Every length the primary's text goes through, recorded by the page as it changes.
+    page.evaluate("""() => {
+      const node = document.getElementById('primary-text');
+      window.lengths = [];
+      new MutationObserver(() => window.lengths.push(node.textContent.length))
+        .observe(node, {childList: true, characterData: true, subtree: true});
+    }""")
+    with page.expect_response(lambda r: r.url.endswith("/v1/orchestrate")) as sent:
+        page.click("#send")
+    expect(page.locator("#answer-panel")).to_have_attribute("data-state", "done")
+    events = list(iter_sse(sent.value.text().splitlines()))
+    plan, done = events[0][1]["plan"], events[-1][1]
+    assert events[-1][0] == "done"
+
+    assert page.inner_text("#plan-strategy").startswith(plan["strategy"])
+    assert page.inner_text("#plan-reason") == plan["reason"] and "keywords" in plan["reason"]
+    asked = page.locator("#plan-asked .chip").all_inner_texts()
+    assert asked == [f"{plan['primary']['expert']} (primary)",
+                     *(task["expert"] for task in plan["experts"])]
+
+    primary = "".join(data["delta"] for kind, data in events if kind == "primary")
+    assert page.inner_text("#primary-text") == primary == done["primary"]["result"]
+    lengths = page.evaluate("window.lengths")
+    growing = sorted({n for n in lengths if 0 < n < len(primary)})
+    assert len(growing) >= 2 and lengths == sorted(lengths), lengths
+
+    results = {data["result"]["task_id"]: data["result"] for kind, data in events
+               if kind == "expert"}
+    assert {task["id"] for task in plan["experts"]} == set(results) and len(results) == 2
+    for task_id, result in results.items():
+        card = page.locator(f".card[data-task='{task_id}']")
+        assert card.get_attribute("data-state") in FINAL_STATES
+        assert card.get_attribute("data-state") == ("done" if result["status"] == "success"
+                                                    else result["status"])
+        assert card.locator(".text").inner_text() == (result["result"] or "")
+        expect(card.locator(".meta")).to_contain_text(f"{result['attempts']} attempt")
+
+    assert page.eval_on_selector("#answer", "n => n.textContent") == done["content"]
+    assert "Expert contributions" in done["content"]
+    _shot(page, shots, "playground")
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("max_tokens", "100000", "above the limit of 4096"),
+    ("prompt", "   ", "must not be empty"),
+])
+def test_bad_input_names_the_field_in_plain_words(base_url, page, field: str, value: str,
+                                                  said: str) -> None:
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    _ready(page, url)
+    page.fill("#prompt", "hello")
+    page.fill(f"#{field}", value)
+    page.click("#send")
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text(f"Please check {field}")
+    expect(notice).to_contain_text(said)
+    assert "{" not in notice.inner_text()  # words, not JSON
+    expect(page.locator(f"#{field}")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#run")).to_be_hidden()
+
+
+@pytest.mark.parametrize(("status", "headers", "error", "words"), [
+    (429, {"Retry-After": "3"}, {"code": "queue_full", "message": "executor queue is full"},
+     "The team is busy. Its queue is full. Try again in 3 seconds."),
+    (503, {"Retry-After": "5"}, {"code": "no_healthy_expert", "message": "no expert answers"},
+     "The team is unavailable. no expert answers — experts are down or restarting."),
+])
+def test_refusals_read_as_words(base_url, page, status: int, headers: dict, error: dict,
+                                words: str) -> None:
+    """README "HTTP errors": the documented 429 and 503 answers, as the page shows them."""
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    body = {"error": {"type": "x", "param": None, **error}}
+    page.route("**/v1/orchestrate",
+               lambda route: route.fulfill(status=status, headers=headers, json=body))
+    _ready(page, url)
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    expect(page.locator("#notice")).to_contain_text(words)
+    if status == 429:  # the button waits out Retry-After, then comes back
+        expect(page.locator("#send")).to_be_disabled()
+        expect(page.locator("#send")).to_be_enabled()
+
+
+def test_chaos_failed_card_shows_reason_and_attempts_behind_the_api_key(
+        chaos_url, page, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{chaos_url}/")
+    key = page.locator("#key-panel")
+    expect(key).to_contain_text("needs an API key")
+    key.locator("input").fill(KEY)
+    key.locator("button").click()
+    expect(key).to_be_hidden()
+    expect(page.locator("#expert-choices input")).to_have_count(4)
+    page.fill("#prompt", "check this answer")
+    page.uncheck("#experts-auto")
+    page.check("#expert-choices input[value=critic]")
+    page.click("#send")
+    expect(page.locator("#answer-panel")).to_have_attribute("data-state", "done")
+    card = page.locator(".card[data-expert=critic]")
+    expect(card).to_have_attribute("data-state", "failed")
+    expect(card.locator(".state")).to_have_text("failed")
+    expect(card.locator(".reason")).to_contain_text("Simulated GPU error: CUDA kernel overload")
+    expect(card.locator(".meta")).to_contain_text("3 attempts")
+    expect(card.locator(".meta")).to_contain_text("served by critic → critic → critic")
+    expect(page.locator("#answer-panel .meta")).to_contain_text("left out: critic (failed)")
+    _shot(page, shots, "playground-chaos")
+
+    page.click("text=Operations")  # the same tab keeps the key
+    expect(page.locator("#tile-failures .value")).to_have_text("1")
+    expect(page.locator("#tile-retries .value")).to_have_text("2")
+    expect(key).to_be_hidden()
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@contextlib.contextmanager
+def _burst(url: str, workers: int = 12) -> Iterator[list[int]]:
+    """Requests from `workers` threads, back to back, until the block ends."""
+    stop, statuses = threading.Event(), []
+
+    def loop() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                response = http.post(f"{url}/v1/orchestrate",
+                                     json={"prompt": "review this python code", "stream": False})
+                statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+
+
+def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
+        base_url, page, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    page.goto(f"{url}/ops")
+    in_flight = page.locator("#tile-in-flight .value")
+    expect(in_flight).to_have_text("0")
+    expect(page.locator("#experts tr.expert")).to_have_count(4)
+    with _burst(url) as statuses:
+        # Tile and table come from one /v1/stats answer: both non-zero in the same refresh.
+        page.wait_for_function("""() => {
+          const n = (node) => Number(node.textContent);
+          const cells = [...document.querySelectorAll('#experts td.inFlight')].map(n);
+          return n(document.querySelector('#tile-in-flight .value')) > 0
+                 && cells.some((v) => v > 0);
+        }""", timeout=WAIT_MS)
+        expect(page.locator("#tile-rate .value")).not_to_have_text("0")
+        expect(page.locator("#tile-latency .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
+        expect(page.locator("#tile-ttft .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
+        _shot(page, shots, "ops")
+    assert statuses and set(statuses) == {200}
+    expect(in_flight).to_have_text("0")
+    expect(page.locator("#tile-queued .value")).to_have_text("0")
+    expect(page.locator("#experts td.inFlight")).to_have_text(["0"] * 4)
+
+
+def test_ops_view_reads_a_stats_answer_with_fields_missing(base_url, page) -> None:
+    """`/v1/stats` changes shape over time: what is absent shows as "–", nothing breaks."""
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    page.route("**/v1/stats", lambda route: route.fulfill(status=200, json={
+        "executor": {"active": 2}, "experts": {"general": {"error": "restarting"}}}))
+    page.goto(f"{url}/ops")
+    expect(page.locator("#tile-in-flight .value")).to_have_text("2")
+    for tile in ("queued", "rate", "latency", "retries", "restarts"):
+        expect(page.locator(f"#tile-{tile} .value")).to_have_text("–")
+    row = page.locator("#experts tr.expert td")
+    expect(row.nth(0)).to_have_text("general")
+    expect(row.nth(1)).to_have_text("down: restarting")
+
