@@ -59,3 +59,14 @@ async def test_hang_ends_only_when_cancelled_and_is_counted() -> None:
         await job
     stats = await engine.stats()
     assert stats["cancelled"] == 1 and stats["active"] == 0
+
+
+async def test_stats_keep_only_the_latest_requests_seen() -> None:
+    from actors.engines.mock import SEEN_LIMIT
+
+    engine = MockEngine("code", MockOptions(ttft_s=0, token_latency_s=0, tokens=1))
+    for n in range(SEEN_LIMIT + 10):
+        await _text(engine, _request(n))
+    stats = await engine.stats()
+    assert stats["requests"] == SEEN_LIMIT + 10  # counters still count everything
+    assert [rid for rid, _ in stats["seen"]] == [f"r{n}" for n in range(10, SEEN_LIMIT + 10)]

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import random
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from actors.engines.base import GenerationRequest
 from orchestration.config import MockOptions
 from orchestration.errors import EngineError
 
+SEEN_LIMIT = 64
 _WORDS = ["the", "answer", "draws", "on", "careful", "reasoning", "about", "structure", "data", "systems", "models", "latency", "throughput", "memory", "experts", "routing", "cluster", "tokens", "streams", "results", "quality", "evidence", "context", "because", "therefore", "however", "first", "second", "finally"]
 
 
@@ -44,8 +46,9 @@ class MockEngine:
         self.cancelled = 0
         self.completed = 0
         self.failed = 0
-        # (request_id, priority) in the order requests reached the engine.
-        self.seen: list[tuple[str, int]] = []
+        # (request_id, priority) of the latest requests, in the order they reached the
+        # engine; bounded because `/v1/stats` (polled every second by /ops) returns it.
+        self.seen: deque[tuple[str, int]] = deque(maxlen=SEEN_LIMIT)
 
     async def start(self) -> None:
         return None
