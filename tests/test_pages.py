@@ -83,3 +83,28 @@ def test_page_options_describe_the_team_and_its_bounds() -> None:
     assert options["strategies"] == ["SERIAL", "PARALLEL_LIMITED", "PARALLEL_FULL"]
     assert options["priorities"] == ["high", "normal", "low"]
     assert isinstance(options["stream_experts"], bool)
+
+
+def test_grafana_dashboard_queries_only_series_chorus_exports() -> None:
+    """docs/grafana/chorus-dashboard.json: every query names a `ray_chorus_*` series of
+    actors/metrics.py (histograms by their _bucket), through the dashboard's selectors."""
+    import json
+
+    source = (ROOT / "actors" / "metrics.py").read_text()
+    histograms = set(re.findall(r'Histogram\(\s*"(chorus_\w+)"', source))
+    exported = {f"ray_{name}" for name in re.findall(r'\(\s*"(chorus_\w+)"', source)}
+    exported |= {f"ray_{name}_bucket" for name in histograms}
+    assert len(exported) >= 9
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "chorus-dashboard.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            series = set(re.findall(r"ray_chorus_\w+", target["expr"]))
+            assert series and series <= exported, (panel["title"], series - exported)
+            assert 'SessionName=~"$SessionName"' in target["expr"], panel["title"]
+            assert set(re.findall(r"\$(\w+)", target["expr"])) <= variables | {"__rate_interval"}
+            used |= series
+    assert {s.removesuffix("_bucket") for s in used} == {s.removesuffix("_bucket")
+                                                         for s in exported}
