@@ -276,6 +276,10 @@ def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
         expect(page.locator("#tile-rate .value")).not_to_have_text("0")
         expect(page.locator("#tile-latency .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
         expect(page.locator("#tile-ttft .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
+        # It keeps refreshing under load (and the chart gets a few seconds of it to show).
+        page.wait_for_function("(n) => Number(document.body.dataset.refreshes) >= n",
+                               arg=int(page.get_attribute("body", "data-refreshes")) + 5,
+                               timeout=WAIT_MS)
         _shot(page, shots, "ops")
     assert statuses and set(statuses) == {200}
     expect(in_flight).to_have_text("0")

@@ -136,7 +136,8 @@ function drawChart(stats) {
     range === 60 ? "minute" : `${range / 60} minutes`;
   const x = (t) => left + (width - left - 8) * (1 - (now - t) / range);
   const { end, ended, failed } = stats.series;
-  const perSecond = (values) => (end === null ? [] : values.map((v, i) =>
+  // Seconds up to `end`, which is still filling up: it is left out until complete.
+  const perSecond = (values) => (end === null ? [] : values.slice(0, -1).map((v, i) =>
     [end - values.length + 1 + i, v]));
   const lines = [
     ["#3358d4", perSecond(ended)],
