@@ -261,18 +261,32 @@ def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
     from playwright.sync_api import expect
 
     url, _ = base_url
+    answers: list[dict] = []  # every /v1/stats answer the page got, in order (one per refresh)
+
+    def relay(route) -> None:
+        response = route.fetch()
+        answers.append(response.json())
+        route.fulfill(response=response)
+
+    page.route("**/v1/stats", relay)
     page.goto(f"{url}/ops")
     in_flight = page.locator("#tile-in-flight .value")
     expect(in_flight).to_have_text("0")
     expect(page.locator("#experts tr.expert")).to_have_count(4)
     with _burst(url) as statuses:
-        # Tile and table come from one /v1/stats answer: both non-zero in the same refresh.
-        page.wait_for_function("""() => {
+        shown = page.wait_for_function("""() => {
           const n = (node) => Number(node.textContent);
-          const cells = [...document.querySelectorAll('#experts td.inFlight')].map(n);
-          return n(document.querySelector('#tile-in-flight .value')) > 0
-                 && cells.some((v) => v > 0);
-        }""", timeout=WAIT_MS)
+          const cells = Object.fromEntries([...document.querySelectorAll('#experts tr.expert')]
+            .map((row) => [row.dataset.name, n(row.querySelector('td.inFlight'))]));
+          const total = n(document.querySelector('#tile-in-flight .value'));
+          return total > 0 && Object.values(cells).some((v) => v > 0)
+            && {refresh: Number(document.body.dataset.refreshes), total, cells};
+        }""", timeout=WAIT_MS).json_value()
+        # What the page showed is exactly what that refresh's /v1/stats answer said.
+        executor = answers[shown["refresh"] - 1]["executor"]
+        assert shown["total"] == executor["active"]
+        assert shown["cells"] == {name: executor["in_flight_per_expert"].get(name, 0)
+                                  for name in ("general", "code", "math", "critic")}
         expect(page.locator("#tile-rate .value")).not_to_have_text("0")
         expect(page.locator("#tile-latency .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
         expect(page.locator("#tile-ttft .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
