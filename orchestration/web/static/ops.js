@@ -66,7 +66,7 @@ const TILES = [
   ["ttft", "TTFT p50", (s) => Chorus.seconds(s.ttft.p50), (s) => spread(s.ttft)],
   ["latency", "Latency p50", (s) => Chorus.seconds(s.latency.p50), (s) => spread(s.latency)],
   ["retries", "Retries", (s) => count(s.retries), () => "task attempts repeated"],
-  ["timeouts", "Timeouts", (s) => count(s.timeouts), () => "tasks past their deadline"],
+  ["timeouts", "Timeouts", (s) => count(s.timeouts), () => "tasks that ended timed out"],
   ["failures", "Failed tasks", (s) => count(s.failures), () => "after every retry"],
   ["restarts", "Restarts", (s) => count(s.restarts), () => "experts back after a crash"],
   ["refusals", "Refusals", (s) => count(s.refusals), () => "429: queue full"],

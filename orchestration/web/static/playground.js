@@ -85,13 +85,13 @@ function busy(on) {
 async function send(event) {
   event.preventDefault();
   notice(null);
-  $("run").hidden = true;  // the previous answer goes away; a refused request shows none
+  const run = new Run($("run"));  // the previous answer goes away at once
   busy(true);
   controller = new AbortController();
   const started = performance.now();
   const status = $("status");
   status.textContent = "sending…";
-  let run = null, hold = 0;
+  let hold = 0;
   try {
     const response = await Chorus.request("v1/orchestrate", {
       method: "POST", signal: controller.signal,
@@ -106,7 +106,6 @@ async function send(event) {
       return;
     }
     const rid = response.headers.get("X-Request-ID") || "";
-    run = new Run($("run"));
     for await (const { type, data } of Chorus.events(response)) {
       run.handle(type, data);
       status.textContent = `${rid} · ${type} · ${Chorus.seconds((performance.now() - started) / 1000)}`;
@@ -115,7 +114,7 @@ async function send(event) {
     if (!run.finished) run.stop("stopped", "The connection ended before the answer did.");
   } catch (error) {
     const stopped = error.name === "AbortError";
-    if (run && !run.finished) run.stop("stopped", stopped ? "Stopped by you." : String(error));
+    if (!run.finished) run.stop("stopped", stopped ? "Stopped by you." : String(error));
     if (!stopped) notice({ title: "Cannot reach Chorus", text: String(error) });
     status.textContent = stopped ? "stopped" : "";
   } finally {

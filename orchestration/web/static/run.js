@@ -42,7 +42,7 @@ class Run {
     }
     setState(this.primary, "queued");
     setState(this.answer, "waiting", "");
-    root.hidden = false;
+    root.hidden = true;  // shown by the plan: a refused request shows no run at all
   }
 
   handle(type, data) {
@@ -51,6 +51,7 @@ class Run {
   }
 
   on_plan({ plan }) {
+    this.root.hidden = false;
     document.getElementById("plan-strategy").textContent =
       `${plan.strategy} · priority ${plan.priority}`;
     document.getElementById("plan-reason").textContent = plan.reason || "–";
