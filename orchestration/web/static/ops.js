@@ -178,6 +178,8 @@ async function refresh() {
     stats = readStats(await response.json());
     box.hidden = true;
   } catch (problem) {
+    // The server refused (a problem from Chorus.problem) or could not be reached: say so
+    // and keep polling; the tiles keep their last values until the next answer.
     box.hidden = false;
     box.textContent = problem.title ? `${problem.title}: ${problem.text}`
       : `Cannot reach Chorus: ${problem}`;

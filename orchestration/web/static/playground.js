@@ -113,6 +113,7 @@ async function send(event) {
     }
     if (!run.finished) run.stop("stopped", "The connection ended before the answer did.");
   } catch (error) {
+    // Stop (AbortError) or a broken connection: the run ends "stopped", never half-done.
     const stopped = error.name === "AbortError";
     if (!run.finished) run.stop("stopped", stopped ? "Stopped by you." : String(error));
     if (!stopped) notice({ title: "Cannot reach Chorus", text: String(error) });
@@ -137,5 +138,6 @@ $("experts-auto").addEventListener("change", (event) => {
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("ask").requestSubmit();
 });
+// Without options the form still sends (router's choices); the notice says what failed.
 loadOptions().catch((problem) => notice(problem.title ? problem
   : { title: "Cannot load the team's options", text: String(problem) }));
