@@ -2,7 +2,9 @@
 
 `serve run serve_app:app` serves `$CHORUS_CONFIG` (default `config/mock.yaml`);
 `serve run serve_app:build_app config=config/chaos.yaml` picks another config. The
-ingress starts (or attaches to) the team's actors and removes them when deleted.
+ingress starts (or attaches to) the team's actors, supervises them, and removes them
+when deleted. Every answer that is not a 200 has the documented error shape
+(`{"error": {message, type, param, code}}`), unknown routes and wrong methods included.
 """
 
 
@@ -16,20 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve import Application
+from starlette.exceptions import HTTPException
 
+from actors.boundary import translate
 from actors.metrics import metrics
-from actors.team import Team, unwrap
+from actors.team import Team
 from orchestration.config import DEFAULT_CONFIG, ChorusConfig, load_config
 from orchestration.errors import (
     BadRequestError,
     ChorusError,
-    InvalidJSONError,
+    MethodNotAllowedError,
+    NotFoundError,
     UnauthorizedError,
 )
+from orchestration.http_input import correlation_id, parse_body
 from orchestration.models import OrchestrateRequest, new_id
 from orchestration.openai_compat import (
     TEAM_MODEL,
@@ -41,44 +47,68 @@ from orchestration.openai_compat import (
     usage,
 )
 from orchestration.telemetry import RequestWindow
-from orchestration.web import add_pages, page_options
+from orchestration.web import page_options, pages
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Chorus", summary="A team of LLM experts behind one endpoint.")
-add_pages(api)  # the playground at `/`, the operations view at `/ops`
+api.include_router(pages)  # the playground at `/`, the operations view at `/ops`
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Metric tag `route`: the URL path for HTTP, `handle` for Python deployment-handle calls.
+ID_HEADER = "X-Chorus-Request-Id"  # the server-unique id; X-Request-ID is the caller's label
+# Metric tag `route`: the route template for HTTP, `handle` for Python handle calls.
 ORCHESTRATE, CHAT = "/v1/orchestrate", "/v1/chat/completions"
 
 
-def _request_id(request: Request) -> str:
-    # The proxy assigns (or keeps the caller's) `X-Request-ID`: one id in logs and replies.
-    return request.headers.get("x-request-id") or new_id("req")
+def _route(request: Request) -> str:
+    # The matched route's template, never the raw URL: a stranger's URLs must not
+    # become metric tags (one series per URL would grow without bound).
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "<unmatched>"
 
 
-def _error_response(status: int, body: dict[str, Any],
-                    headers: dict[str, str] | None = None) -> JSONResponse:
-    # Serve's proxy puts the request id in `X-Request-ID` on every response, errors included.
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-@api.exception_handler(ChorusError)
-async def _chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
+def _error_response(request: Request, exc: ChorusError) -> JSONResponse:
     headers = {}
     if exc.status == 429:
         headers["Retry-After"] = str(getattr(request.state, "retry_after", 1))
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    # The matched route's template, not the URL: the same tag under any route prefix.
-    route = getattr(request.scope.get("route"), "path", request.url.path)
-    metrics().requests.inc(tags={"route": route, "outcome": exc.code})
-    return _error_response(exc.status, error_from(exc), headers)
+    if exc.status == 503:
+        headers["Retry-After"] = "5"
+    metrics().requests.inc(tags={"route": _route(request), "outcome": exc.code})
+    return JSONResponse(error_from(exc), status_code=exc.status, headers=headers)
 
 
-@api.exception_handler(RayActorError)
-async def _actor_gone(request: Request, exc: RayActorError) -> JSONResponse:
-    body = error_body(503, "unavailable", "a Chorus actor is down or restarting; retry shortly")
-    return _error_response(503, body, {"Retry-After": "5"})
+@api.exception_handler(ChorusError)
+async def _chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Starlette's own 404 (no such route) and 405 (wrong method), in our shape.
+    if exc.status_code == 405:
+        error: ChorusError = MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.url.path}", field="<method>")
+    elif exc.status_code == 404:
+        error = NotFoundError(f"no route {request.url.path}", field="<path>")
+    else:
+        error = ChorusError(str(exc.detail))
+        error.status = exc.status_code
+    return _error_response(request, error)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": ("<body>",), "msg": "invalid"}
+    field = ".".join(str(p) for p in first["loc"][1:]) or "<body>"
+    return _error_response(request, BadRequestError(f"{field}: {first['msg']}", field=field))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, or a Ray error that escaped the boundary: still the documented shape.
+    error = translate(exc, actor="ingress")
+    logger.exception("unexpected error on %s", request.url.path)
+    return _error_response(request, error)
 
 
 def _node_id() -> str:
@@ -96,6 +126,8 @@ def _sse(event_type: str, data: dict[str, Any]) -> str:
     # The ingress only relays: it reserves no CPU or GPU, so it never takes an expert's slot.
     ray_actor_options={"num_cpus": 0, "num_gpus": 0},
     max_ongoing_requests=1000,
+    # A team that cannot start (placement, engine) fails the deploy once, not thrice.
+    max_constructor_retry_count=1,
 )
 @serve.ingress(api)
 class ChorusIngress:
@@ -107,7 +139,7 @@ class ChorusIngress:
         app = serve.get_replica_context().app_name or "chorus"
         self.team = await Team.start(self.config, name=f"chorus-{app}")
         self.telemetry = RequestWindow()  # requests/s and percentiles for `/v1/stats`
-        logger.info("Chorus team %s ready: %s", self.team.name, ", ".join(self.team.experts))
+        logger.info("Chorus team %s ready: %s", self.team.name, ", ".join(self.team.replicas))
 
     def __del__(self) -> None:
         team = getattr(self, "team", None)
@@ -117,7 +149,7 @@ class ChorusIngress:
     # ------------------------------------------------------------------ admission
 
     def _admit(self, request: Request) -> str:
-        rid = request.state.request_id = _request_id(request)
+        """Auth, then a server-unique id; the caller's X-Request-ID is only a label."""
         request.state.retry_after = self.config.server.retry_after_s
         if self.api_key:
             sent = request.headers.get("authorization", "")
@@ -126,17 +158,17 @@ class ChorusIngress:
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 what = "wrong API key" if token else "missing API key (Authorization: Bearer …)"
                 raise UnauthorizedError(what, field="authorization")
-        return rid
+        request.state.correlation_id = correlation_id(
+            request.headers.get("x-request-id"), self.config.server.max_correlation_id_chars)
+        request.state.request_id = new_id("req")
+        return request.state.request_id
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidJSONError(f"<body>: invalid JSON: {exc}", field="<body>") from None
-        if not isinstance(body, dict):
-            raise InvalidJSONError("<body>: must be a JSON object", field="<body>")
-        return body
+    async def _body(self, request: Request) -> dict[str, Any]:
+        limits = self.config.server
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            parse_body(b" " * (limits.max_body_bytes + 1), limits.max_body_bytes, 0)  # 413
+        return parse_body(await request.body(), limits.max_body_bytes, limits.max_json_depth)
 
     def _bounds(self, req: OrchestrateRequest) -> None:
         limits = self.config.server
@@ -149,10 +181,10 @@ class ChorusIngress:
                 f"max_tokens: {req.max_tokens} is above the limit of {limits.max_tokens_limit}",
                 field="max_tokens")
 
-    async def _start(self, req: OrchestrateRequest) -> tuple[Any, AsyncIterator[Any]]:
+    async def _start(self, req: OrchestrateRequest, live: bool) -> tuple[Any, AsyncIterator[Any]]:
         """Accept the request or raise (4xx/429/503) before any byte of a 200 is sent."""
         self._bounds(req)
-        events = self.team.stream(req)
+        events = self.team.stream(req, live=live)
         first = await events.__anext__()
         return first, events
 
@@ -165,39 +197,45 @@ class ChorusIngress:
         stream = body.pop("stream", True)
         if not isinstance(stream, bool):
             raise BadRequestError("stream: must be true or false", field="stream")
-        req = OrchestrateRequest.parse({**body, "id": rid})
-        first, events = await self._start(req)
+        req = OrchestrateRequest.parse(
+            {**body, "id": rid, "correlation_id": request.state.correlation_id})
+        first, events = await self._start(req, live=stream)
+        headers = {ID_HEADER: rid}
         if stream:
             return StreamingResponse(self._relay(first, events, ORCHESTRATE),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                     media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, **headers})
         final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message),
-                                status_code=final.status)
+                                status_code=final.status, headers=headers)
         return JSONResponse({
-            "id": rid, "plan": first.plan.model_dump(mode="json"), "content": final.content,
+            "id": rid, "correlation_id": req.correlation_id,
+            "plan": first.plan.model_dump(mode="json"), "content": final.content,
             "primary": final.primary.model_dump(mode="json"),
             "experts": [r.model_dump(mode="json") for r in final.experts],
             "timings": final.timings,
-        })
+        }, headers=headers)
 
     @api.post(CHAT)
     async def chat_completions(self, request: Request) -> Any:
         rid = self._admit(request)
         chat = ChatCompletionRequest.parse(await self._body(request))
         req = to_orchestrate(chat, self.team.config.expert_names, rid)
-        first, events = await self._start(req)
+        req = req.model_copy(update={"correlation_id": request.state.correlation_id})
+        first, events = await self._start(req, live=chat.stream)
         ids = CompletionIds(chat.model, rid)
         if chat.stream:
             include = bool(chat.stream_options and chat.stream_options.include_usage)
-            chunks = self._chat_chunks(first, events, ids, req.prompt, include)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+            chunks = self._chat_chunks(first, events, ids, include)
+            return StreamingResponse(chunks, media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, ID_HEADER: rid})
         final = [event async for event in self._timed(first, events, CHAT)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message),
                                 status_code=final.status)
-        tokens = final.primary.tokens or len((final.content or "").split())
-        return JSONResponse(ids.completion(final.content, usage(req.prompt, tokens)))
+        return JSONResponse(ids.completion(final.content, usage(final.primary)),
+                            headers={ID_HEADER: rid})
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -207,12 +245,16 @@ class ChorusIngress:
             {"id": n, "object": "model", "created": created, "owned_by": "chorus"} for n in names]}
 
     @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        stats = await self.team.stats(timeout_s=5.0)
-        experts = {n: s.get("error", "ok") for n, s in stats["experts"].items()}
-        healthy = any(v == "ok" for v in experts.values())
-        return JSONResponse({"status": "ok" if healthy else "unhealthy", "experts": experts},
-                            status_code=200 if healthy else 503)
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: this process answers. (Whether requests can be served: /readyz.)"""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: a default request could be served right now; 503 names what is not."""
+        ready, body = await self.team.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503,
+                            headers={} if ready else {"Retry-After": "5"})
 
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
@@ -229,11 +271,8 @@ class ChorusIngress:
 
     async def stream_events(self, data: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Same events as the SSE route, as dicts, for `Client.connect` (a handle call)."""
-        req = OrchestrateRequest.parse(data)
-        try:
-            first, events = await self._start(req)
-        except Exception as exc:
-            raise unwrap(exc) from None
+        req = OrchestrateRequest.parse({**data, "id": new_id("req")})
+        first, events = await self._start(req, live=True)
         async for event in self._timed(first, events, "handle"):
             yield event.model_dump(mode="json")
 
@@ -255,7 +294,8 @@ class ChorusIngress:
                     outcome = "streaming"
                 if event.type in ("done", "error"):
                     outcome = "ok" if event.type == "done" else event.code
-                    logger.info("request %s ended: %s", first.request_id, outcome)
+                    logger.info("request %s (%s) ended: %s", first.request_id,
+                                first.plan.primary.request_id, outcome)
                 yield event
         finally:
             await events.aclose()  # caller gone: Team.stream cancels every task
@@ -269,25 +309,26 @@ class ChorusIngress:
             yield _sse(event.type, event.model_dump(mode="json"))
 
     async def _chat_chunks(self, first: Any, events: AsyncIterator[Any], ids: CompletionIds,
-                           prompt: str, include_usage: bool) -> AsyncIterator[str]:
+                           include_usage: bool) -> AsyncIterator[str]:
         # With synthesis the answer is the synthesizer's: stream that, not the primary's.
         synthesizing = self.config.fusion.strategy == "synthesize" and bool(first.plan.experts)
         text_events = "fusion_delta" if synthesizing else "primary"
-        sent, tokens = "", 0
+        sent = ""
         yield f"data: {json.dumps(ids.chunk({'role': 'assistant', 'content': ''}))}\n\n"
         async for event in self._timed(first, events, CHAT):
             piece = ""
             if event.type == text_events:
-                piece, tokens = event.delta, tokens + 1
+                piece = event.delta
             elif event.type == "fusion":
                 # `append` adds the experts' section after the primary's text.
                 piece = event.content[len(sent):] if event.content.startswith(sent) else ""
             elif event.type == "error":
                 yield f"data: {json.dumps(error_body(event.status, event.code, event.message))}\n\n"
             elif event.type == "done":
-                yield f"data: {json.dumps(ids.chunk({}, finish_reason='stop'))}\n\n"
-                if include_usage:
-                    yield f"data: {json.dumps(ids.chunk(None, usage_=usage(prompt, tokens)))}\n\n"
+                reason = (event.primary.finish_reason if event.primary else None) or "stop"
+                yield f"data: {json.dumps(ids.chunk({}, finish_reason=reason))}\n\n"
+                if include_usage and event.primary is not None:
+                    yield f"data: {json.dumps(ids.chunk(None, usage_=usage(event.primary)))}\n\n"
             if piece:
                 sent += piece
                 yield f"data: {json.dumps(ids.chunk({'content': piece}))}\n\n"

@@ -1,151 +1,156 @@
-"""ExecutorActor: plans in, expert tasks dispatched by priority, events and results out.
+"""ExecutorActor: plans in; tasks dispatched by priority; control records out.
 
 One actor serves every plan, so one `SlotScheduler` orders dispatch across all
-requests. Each task is a coroutine: tenacity drives its attempts, the scheduler grants
-each attempt a slot (one outstanding ObjectRef), and the attempt's deadline is enforced
-on that ref with `ray.cancel`.
+requests. Each task is driven by the Ray-free `TaskRunner` (retries, fallback,
+deadlines) over `RayDispatcher` (slots, replicas, `ray.cancel`). The executor never
+relays generated text: callers read it from the expert (docs/token-path.md). What a
+caller gets from `stream(plan)` is a few records per task — `Admitted` first, then
+`Dispatched` / `Retrying` / `Finished`, then `Closed` — merged into one object
+whenever the caller is slower than the records come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
 
+from actors.dispatch import RayDispatcher, Replica
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
-from orchestration.errors import (
-    ChorusError,
-    EngineError,
-    ExpertUnavailableError,
-    QueueFullError,
-    TaskCancelledError,
-    TaskTimeoutError,
-    TransientError,
-)
-from orchestration.models import (
-    DoneEvent,
-    ExecutionPlan,
-    ExecutorLoad,
-    ExpertEvent,
-    ExpertTask,
-    PlanEvent,
-    PrimaryDelta,
-    TaskResult,
-    TaskStatus,
-)
-from orchestration.scheduling import SlotScheduler, build_retrying, strategy_concurrency
-
-OnDelta = Callable[[str, str, int], None]  # (expert, delta, attempt)
+from orchestration.errors import QueueFullError
+from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult, TaskStatus
+from orchestration.scheduling import strategy_concurrency
+from orchestration.slots import SlotScheduler
+from orchestration.task_runner import TaskRun, TaskRunner
+from orchestration.wire import Admitted, Closed, Finished, Record
 
 
-def classify(exc: BaseException, expert: str) -> ChorusError:
-    """Map what Ray raised to our error vocabulary (which decides retry or not)."""
-    if isinstance(exc, RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, ChorusError):
-            return cause
-        return EngineError(f"{expert}: {type(cause).__name__}: {cause}")
-    if isinstance(exc, RayActorError):  # died, or restarting (ActorUnavailableError)
-        return ExpertUnavailableError(f"{expert}: expert process died or is restarting")
-    if isinstance(exc, ChorusError):
-        return exc
-    return EngineError(f"{expert}: {type(exc).__name__}: {exc}")
+class RequestRun:
+    """One admitted plan: its task jobs, its outbox of records, its results."""
 
+    def __init__(self, plan: ExecutionPlan, live: bool) -> None:
+        self.plan = plan
+        self.live = live  # a caller reads records (and streamed text) as they come
+        self.jobs: list[asyncio.Task[TaskResult]] = []
+        self.results: dict[str, TaskResult] = {}
+        self.outbox: list[Record] = []
+        self._changed = asyncio.Event()
+        self.closed = False
 
-_COUNTER = {TaskStatus.ERROR: "failed", TaskStatus.TIMEOUT: "timed_out",
-            TaskStatus.CANCELLED: "cancelled"}
+    def put(self, record: Record) -> None:
+        if self.live:
+            self.outbox.append(record)
+            self._changed.set()
 
+    async def batches(self) -> AsyncIterator[list[Record]]:
+        """Everything queued since the last batch, until `Closed` has been sent."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            batch, self.outbox = self.outbox, []
+            yield batch
+            if batch and isinstance(batch[-1], Closed):
+                return
 
-def status_of(exc: BaseException) -> TaskStatus:
-    if isinstance(exc, TaskTimeoutError):
-        return TaskStatus.TIMEOUT
-    if isinstance(exc, TaskCancelledError | asyncio.CancelledError):
-        return TaskStatus.CANCELLED
-    return TaskStatus.ERROR
-
-
-async def _next_delta(gen: Any) -> str | None:
-    try:
-        ref = await gen.__anext__()
-    except StopAsyncIteration:
-        return None
-    return await ref
+    def cancel(self) -> int:
+        pending = [job for job in self.jobs if not job.done()]
+        for job in pending:
+            job.cancel()
+        return len(pending)
 
 
 @ray.remote
 class ExecutorActor:
     """Runs every plan's tasks under priorities, bounds, deadlines and retries."""
 
-    def __init__(self, config: ChorusConfig, experts: dict[str, ActorHandle]) -> None:
+    def __init__(self, config: ChorusConfig, replicas: dict[str, dict[str, str]],
+                 router: str | None = None) -> None:
+        # Actors are passed by name, not handle: constructor arguments stay inline (a
+        # Ray restart re-runs this with them), and the supervisor pushes fresh handles
+        # (`set_replicas`, `set_router`) whenever it re-creates an actor.
+        namespace = config.server.namespace
         self.config = config
-        self.experts = experts
-        self.fallbacks = {e.name: e.fallback for e in config.experts}
-        self.scheduler = SlotScheduler(
-            config.executor.max_in_flight, {e.name: e.max_concurrency for e in config.experts}
-        )
+        self.router = ray.get_actor(router, namespace=namespace) if router else None
+        self.pools = {expert: {label: Replica(label, ray.get_actor(name, namespace=namespace))
+                               for label, name in group.items()}
+                      for expert, group in replicas.items()}
+        limits = {e.name: e.max_concurrency * max(1, len(self.pools.get(e.name, {})))
+                  for e in config.experts}
+        self.slots = SlotScheduler(config.executor.max_in_flight, limits)
+        self.requests: dict[str, RequestRun] = {}
+        self._task_runs: dict[str, RequestRun] = {}  # task id -> its request
+        self.dispatcher = RayDispatcher(self.slots, self.pools, self._plan_of, self._streams)
+        self.runner = TaskRunner(self.dispatcher, config.executor.retry,
+                                 {e.name: e.fallback for e in config.experts}, self._notify)
         self.counters: Counter[str] = Counter()
-        self.restarts_seen: Counter[str] = Counter()
-        self._suspect: set[str] = set()  # experts whose actor failed and has not served since
         self._unfinished = 0  # accepted tasks without a result yet
-        self._outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef / ObjectRefGenerator
-        self._requests: dict[str, list[asyncio.Task[TaskResult]]] = {}
+        self._publisher: asyncio.Task[None] | None = None
+        self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------------ public API
 
     def load(self) -> ExecutorLoad:
-        active = self.scheduler.occupancy.total
-        return ExecutorLoad(active=active, queued=self._unfinished - active)
+        return ExecutorLoad(active=self.slots.total, queued=self._unfinished - self.slots.total)
 
-    async def stream(self, plan: ExecutionPlan) -> AsyncIterator[Any]:
-        """Yield plan, primary deltas as they come, each expert's result, then done."""
-        self._admit(plan)
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        # Launched before the first yield: admission and queueing are one atomic step,
-        # so concurrent submissions cannot both pass the `max_queue` check.
-        outcomes = self._launch(plan, events.put_nowait)
+    async def stream(self, plan: ExecutionPlan) -> AsyncIterator[list[Record]]:
+        """`Admitted`, then the plan's records in batches, ending with `Closed`."""
+        run = self._admit(plan, live=True)
         try:
-            yield PlanEvent(request_id=plan.request_id, plan=plan)
-            results: dict[str, TaskResult] = {}
-            while len(results) < len(outcomes):
-                event = await events.get()
-                if isinstance(event, TaskResult):
-                    results[event.task_id] = event
-                    if event.role == "primary":
-                        continue  # the primary's result travels in `done`
-                    event = ExpertEvent(request_id=plan.request_id, result=event)
-                yield event
-            ordered = [results[t.id] for t in plan.tasks]
-            yield DoneEvent(request_id=plan.request_id, primary=ordered[0], experts=ordered[1:])
+            yield [Admitted(self.slots.total, self._unfinished - self.slots.total)]
+            async for batch in run.batches():
+                yield batch
         finally:
-            # Normal end: no-op. Caller gone (ray.cancel / generator dropped): cancel all.
-            self.cancel(plan.request_id)
+            run.cancel()  # a no-op when finished; the caller went away otherwise
 
     async def run(self, plan: ExecutionPlan) -> list[TaskResult]:
-        """All of a plan's results, primary first (no streaming)."""
-        self._admit(plan)
-        return list(await asyncio.gather(*self._launch(plan, lambda _event: None)))
-
-    async def run_task(self, task: ExpertTask) -> AsyncIterator[Any]:
-        """One extra task (e.g. fusion's synthesis) as its own one-task plan, streamed."""
-        plan = ExecutionPlan(
-            request_id=task.request_id or task.id, strategy="SERIAL", primary=task
-        )
-        async for event in self.stream(plan):
-            yield event
+        """All of a plan's results, primary first, for a caller that needs no stream."""
+        run = self._admit(plan, live=False)
+        try:
+            return list(await asyncio.gather(*run.jobs))
+        finally:
+            run.cancel()  # cancelled caller (ray.cancel): cancel every task
 
     def cancel(self, request_id: str) -> int:
         """Cancel every task of a request; each still ends with a `cancelled` result."""
-        tasks = [t for t in self._requests.get(request_id, []) if not t.done()]
-        for task in tasks:
-            task.cancel()
-        return len(tasks)
+        run = self.requests.get(request_id)
+        return run.cancel() if run is not None else 0
+
+    def set_router(self, router: ActorHandle) -> None:
+        """Where to publish load (a re-created router)."""
+        self.router = router
+
+    def set_replicas(self, expert: str, replicas: dict[str, ActorHandle]) -> None:
+        """The expert's current replicas (after a re-creation), keeping their counters."""
+        pool = self.pools.setdefault(expert, {})
+        for name in [n for n in pool if n not in replicas]:
+            del pool[name]
+        for name, handle in replicas.items():
+            if name in pool:
+                pool[name].handle = handle
+            else:
+                pool[name] = Replica(name, handle)
+
+    def probe(self) -> dict[str, Any]:
+        """Readiness: can a slot be granted now, or have slots moved recently?"""
+        live = [g for g in self.slots.live() if g.state.value == "granted"]
+        idle_for = time.monotonic() - self._last_progress
+        wedged = (self.slots.waiting > 0 and self.slots.total >= self.slots.max_in_flight
+                  and idle_for > self.config.supervision.wedged_after_s)
+        return {
+            "pid": os.getpid(),
+            "ok": not wedged and len(live) == self.slots.total,
+            "active": self.slots.total, "queued": self._unfinished - self.slots.total,
+            "waiting": self.slots.waiting, "free_slots": self.slots.max_in_flight - self.slots.total,
+            "seconds_since_progress": round(idle_for, 3), "wedged": wedged,
+            "accounting_ok": len(live) == self.slots.total,
+        }
 
     def stats(self) -> dict[str, Any]:
         load = self.load()
@@ -153,201 +158,100 @@ class ExecutorActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "active": load.active,
             "queued": load.queued,
-            "outstanding_refs": len(self._outstanding),
-            "max_in_flight": self.scheduler.max_in_flight,
-            "peak_in_flight": self.scheduler.peak_in_flight,
-            "peak_plan_in_flight": dict(self.scheduler.peak_by_group),
-            "in_flight_per_expert": {
-                k: v for k, v in self.scheduler.occupancy.per_expert.items() if v
-            },
-            "requests": len(self._requests),
-            "counters": dict(self.counters),
-            "restarts_seen": dict(self.restarts_seen),
+            "outstanding_refs": len(self.dispatcher.outstanding),
+            "max_in_flight": self.slots.max_in_flight,
+            "peak_in_flight": self.slots.peak_in_flight,
+            "peak_plan_in_flight": dict(self.slots.peak_by_group),
+            "in_flight_per_expert": {k: v for k, v in self.slots.per_expert.items() if v},
+            "replicas": {expert: {r.name: {"in_flight": r.in_flight, "served": r.served,
+                                           "failures": r.failures} for r in pool.values()}
+                         for expert, pool in self.pools.items()},
+            "requests": len(self.requests),
+            "counters": {**self.counters, **self.runner.counters},
         }
 
     # ------------------------------------------------------------------ plan life
 
-    def _report_load(self) -> None:
-        load = self.load()
-        metrics().queue_depth.set(load.queued)
-        metrics().in_flight.set(load.active)
+    def _plan_of(self, task_id: str) -> str:
+        return self._task_runs[task_id].plan.id
 
-    def _admit(self, plan: ExecutionPlan) -> None:
-        queued = self.load().queued
+    def _streams(self, task_id: str) -> bool:
+        run = self._task_runs[task_id]
+        return run.live and next(t.stream for t in run.plan.tasks if t.id == task_id)
+
+    def _notify(self, task: ExpertTask, record: Record) -> None:
+        self._last_progress = time.monotonic()
+        run = self._task_runs.get(task.id)
+        if run is not None:
+            run.put(record)
+        self._load_changed()
+
+    def _admit(self, plan: ExecutionPlan, live: bool) -> RequestRun:
+        queued = self._unfinished - self.slots.total
         limit = self.config.executor.max_queue
         if queued + len(plan.tasks) > limit:
             self.counters["refused"] += 1
             raise QueueFullError(
-                f"executor queue is full ({queued} queued, max_queue={limit}); retry later"
-            )
+                f"executor queue is full ({queued} queued, max_queue={limit}); retry later")
+        if plan.request_id in self.requests:  # ids are server-unique: a caller bug
+            raise QueueFullError(f"request {plan.request_id} is already running")
         self.counters["accepted_plans"] += 1
-
-    def _launch(
-        self, plan: ExecutionPlan, emit: Callable[[Any], None]
-    ) -> list[asyncio.Future[TaskResult]]:
-        """Start one coroutine per task; each outcome future always gets one result."""
-        self.scheduler.open_plan(
-            plan.id, strategy_concurrency(plan.strategy, self.config.executor), plan.strategy
-        )
+        run = self.requests[plan.request_id] = RequestRun(plan, live)
+        self.slots.open_plan(plan.id, strategy_concurrency(plan.strategy, self.config.executor),
+                             plan.strategy)
         self._unfinished += len(plan.tasks)
-        loop = asyncio.get_running_loop()
-
-        def on_delta(expert: str, delta: str, attempt: int) -> None:
-            emit(PrimaryDelta(request_id=plan.request_id, expert=expert, delta=delta, attempt=attempt))
-
-        running, outcomes = [], []
         for task in plan.tasks:
-            outcome: asyncio.Future[TaskResult] = loop.create_future()
-            coro = self._run_task(plan, task, on_delta if task.role != "expert" else None)
-            job = asyncio.ensure_future(coro)
-            job.add_done_callback(lambda job, t=task, o=outcome: self._finish(t, job, o, emit))
-            running.append(job)
-            outcomes.append(outcome)
-        self._requests.setdefault(plan.request_id, []).extend(running)
+            self._task_runs[task.id] = run
+            job = asyncio.ensure_future(self.runner.run(TaskRun(task)))
+            job.add_done_callback(lambda job, t=task: self._finished(run, t, job))
+            run.jobs.append(job)
+        self._load_changed()
+        return run
 
-        def closed(_: Any) -> None:
-            self.scheduler.close_plan(plan.id)
-            left = [j for j in self._requests.pop(plan.request_id, []) if not j.done()]
-            if left:
-                self._requests[plan.request_id] = left
-
-        asyncio.gather(*outcomes).add_done_callback(closed)
-        return outcomes
-
-    def _finish(
-        self, task: ExpertTask, job: asyncio.Task[TaskResult],
-        outcome: asyncio.Future[TaskResult], emit: Callable[[Any], None],
-    ) -> None:
-        # A job cancelled before its first step never ran its own handlers, and a bug
-        # must not leave a plan waiting forever: both still end with one result here.
+    def _finished(self, run: RequestRun, task: ExpertTask, job: asyncio.Task[TaskResult]) -> None:
+        # A job cancelled before its first step never ran the runner, and a bug must
+        # not leave a plan waiting forever: both still end with one result here.
         if job.cancelled():
-            self.counters["cancelled"] += 1
-            result = self._result(task, TaskStatus.CANCELLED, time.monotonic(), [], [],
-                                  error=f"{task.expert}: request cancelled before dispatch")
+            self.runner.counters["cancelled"] += 1
+            result = TaskResult(task_id=task.id, expert=task.expert, role=task.role,
+                                status=TaskStatus.CANCELLED,
+                                error=f"{task.expert}: request cancelled before dispatch")
         elif (exc := job.exception()) is not None:
-            self.counters["failed"] += 1
-            result = self._result(task, TaskStatus.ERROR, time.monotonic(), [], [],
-                                  error=f"{task.expert}: internal error: {exc!r}")
+            self.runner.counters["failed"] += 1
+            result = TaskResult(task_id=task.id, expert=task.expert, role=task.role,
+                                status=TaskStatus.ERROR,
+                                error=f"{task.expert}: internal error: {exc!r}")
         else:
             result = job.result()
-        outcome.set_result(result)
-        emit(result)
-
-    # ------------------------------------------------------------------ one task
-
-    async def _run_task(
-        self, plan: ExecutionPlan, task: ExpertTask, on_delta: OnDelta | None
-    ) -> TaskResult:
-        """Attempts on the expert, then on its fallback; always returns one result."""
-        started = time.monotonic()
-        waits: list[float] = []
-        served_by: list[str] = []
-        outcome: dict[str, Any] = {}
-        emitted = [0]  # characters of the primary already sent: retries resume after them
-
-        def waited(seconds: float) -> None:
-            waits.append(seconds)
-            self.counters["retried"] += 1
-            metrics().retries.inc(tags={"expert": task.expert})
-
-        def forward(expert: str, text: str, attempt: int) -> None:
-            if on_delta is not None and len(text) > emitted[0]:
-                on_delta(expert, text[emitted[0] :], attempt)
-                emitted[0] = len(text)
-
-        error: BaseException | None = None
-        candidates = [task.expert] + ([fb] if (fb := self.fallbacks.get(task.expert)) else [])
-        try:
-            for expert in candidates:
-                # Retries on one expert replay the same text (same seed), so the stream
-                # resumes after what was sent; a fallback's answer differs, so it restarts
-                # (its deltas carry a new `attempt`, which tells the caller).
-                emitted[0] = 0
-                try:
-                    async for attempt in build_retrying(self.config.executor.retry, waited):
-                        with attempt:
-                            served_by.append(expert)
-                            attempt_task = task.model_copy(update={"attempt": len(served_by)})
-                            text = await self._attempt(plan, attempt_task, expert, forward, outcome)
-                    return self._result(task, TaskStatus.SUCCESS, started, served_by, waits,
-                                        result=text, **outcome)
-                except TransientError as exc:
-                    error = exc
-        except asyncio.CancelledError:
-            error = TaskCancelledError(f"{task.expert}: request cancelled")
-        except ChorusError as exc:
-            error = exc  # bad input and the like: not retried, not sent to a fallback
-        assert error is not None
-        status = status_of(error)
-        self.counters[_COUNTER[status]] += 1
-        return self._result(task, status, started, served_by, waits, error=str(error),
-                            error_code=getattr(error, "code", None))
-
-    def _result(
-        self, task: ExpertTask, status: TaskStatus, started: float, served_by: list[str],
-        waits: list[float], **fields: Any,
-    ) -> TaskResult:
         self._unfinished -= 1
-        if status is TaskStatus.SUCCESS:
-            self.counters["succeeded"] += 1
-        metrics().tasks.inc(tags={"expert": task.expert, "status": status.value})
-        self._report_load()
-        return TaskResult(
-            task_id=task.id, expert=task.expert, role=task.role, status=status,
-            attempts=len(served_by), latency_s=time.monotonic() - started,
-            served_by=served_by, retry_waits=waits, **fields,
-        )
+        self._last_progress = time.monotonic()
+        metrics().tasks.inc(tags={"expert": task.expert, "status": result.status.value})
+        del self._task_runs[task.id]
+        run.results[task.id] = result
+        run.put(Finished(result))
+        if len(run.results) == len(run.plan.tasks):
+            run.closed = True
+            run.put(Closed())
+            self.slots.close_plan(run.plan.id)
+            self.requests.pop(run.plan.request_id, None)
+        self._load_changed()
 
-    async def _attempt(
-        self, plan: ExecutionPlan, task: ExpertTask, expert: str,
-        forward: OnDelta, outcome: dict[str, Any],
-    ) -> str:
-        """One dispatch: wait for a slot, call the expert, enforce the deadline."""
-        await self.scheduler.acquire(expert, plan.id, task.effective_priority)
-        loop = asyncio.get_running_loop()
-        dispatched = loop.time()
-        deadline = dispatched + task.timeout_s
-        handle = self.experts[expert]
-        key = f"{task.id}:{task.attempt}"
-        ref: Any = None
-        self.counters["dispatched"] += 1
-        self._report_load()
-        try:
-            if task.role == "expert":
-                # One ObjectRef for the whole answer: experts are not streamed to anyone.
-                ref = handle.generate.remote(task)
-                self._outstanding[key] = ref
-                text = await asyncio.wait_for(ref, timeout=task.timeout_s)
-            else:
-                ref = handle.stream.options(num_returns="streaming").remote(task)
-                self._outstanding[key] = ref
-                text = ""
-                while (delta := await asyncio.wait_for(
-                    _next_delta(ref), timeout=max(deadline - loop.time(), 0.0)
-                )) is not None:
-                    if not text:
-                        outcome["ttft_s"] = loop.time() - dispatched
-                    text += delta
-                    outcome["tokens"] = outcome.get("tokens", 0) + 1
-                    forward(expert, text, task.attempt)
-        except TimeoutError:
-            ray.cancel(ref)  # the expert sees CancelledError; its engine frees the slot
-            raise TaskTimeoutError(
-                f"{expert}: no complete answer within {task.timeout_s:g}s (attempt {task.attempt})"
-            ) from None
-        except asyncio.CancelledError:
-            if ref is not None:
-                ray.cancel(ref)
-            raise
-        except Exception as exc:
-            error = classify(exc, expert)
-            if isinstance(error, ExpertUnavailableError):
-                self._suspect.add(expert)
-            raise error from None
-        finally:
-            self._outstanding.pop(key, None)
-            self.scheduler.release(expert, plan.id)
-        if expert in self._suspect:
-            self._suspect.discard(expert)
-            self.restarts_seen[expert] += 1  # it failed, and now it serves again
-        return text
+    # ------------------------------------------------------------------ load publishing
+
+    def _load_changed(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.ensure_future(self._publish_load())
+
+    async def _publish_load(self) -> None:
+        """Push the load to the router and the gauges at most every `publish_s`."""
+        sent: tuple[int, int] | None = None
+        while True:
+            load = (self.slots.total, self._unfinished - self.slots.total)
+            if load == sent:
+                return  # nothing changed since the last push: stop until the next change
+            metrics().in_flight.set(load[0])
+            metrics().queue_depth.set(load[1])
+            if self.router is not None:
+                self.router.set_load.remote(*load)  # fire and forget: a stale load is fine
+            sent = load
+            await asyncio.sleep(self.config.router.load_publish_s)

@@ -1,4 +1,13 @@
-"""ExpertActor: one expert = one async Ray actor running one engine (mock or vLLM)."""
+"""ExpertActor: one replica of one expert = one async Ray actor running one engine.
+
+Two calls serve an attempt. The executor calls `run(task, key, stream)`, which
+generates the whole answer and returns a `Completion` (one ObjectRef the executor
+can put a deadline on and `ray.cancel`). When the caller wants the text as it is
+generated, `run` also writes it to the attempt's channel, and the caller reads that
+channel directly with `read(key, offset)` — a streaming generator whose batches are
+coalesced (see `orchestration/coalesce.py`): the tokens never pass through the
+executor.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +20,15 @@ from typing import Any
 import ray
 
 from actors.engines import Engine, GenerationRequest, make_engine
-from orchestration.config import ExpertConfig
+from orchestration.coalesce import Channels
+from orchestration.config import ExpertConfig, StreamConfig
 from orchestration.models import ExpertTask
+from orchestration.wire import Completion
 
 
-def _request(task: ExpertTask) -> GenerationRequest:
+def _request(task: ExpertTask, key: str) -> GenerationRequest:
     return GenerationRequest(
-        request_id=f"{task.id}:{task.attempt}",
+        request_id=key,
         sampling_key=task.id,
         prompt=task.prompt,
         system_prompt=task.system_prompt,
@@ -32,9 +43,11 @@ def _request(task: ExpertTask) -> GenerationRequest:
 class ExpertActor:
     """Serves one expert's tasks through its engine; knows engines only by protocol."""
 
-    def __init__(self, config: ExpertConfig) -> None:
+    def __init__(self, config: ExpertConfig, replica: str, stream: StreamConfig) -> None:
         self.config = config
+        self.replica = replica
         self.engine: Engine = make_engine(config)
+        self.channels = Channels(linger_s=stream.linger_s, orphan_s=stream.orphan_s)
         self._started: asyncio.Task[None] | None = None
         self.pid = os.getpid()
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -52,29 +65,60 @@ class ExpertActor:
 
     async def ready(self) -> dict[str, Any]:
         await self._ensure_started()
-        return {"expert": self.config.name, "node_id": self.node_id, "pid": self.pid}
+        return {"expert": self.config.name, "replica": self.replica, "node_id": self.node_id,
+                "pid": self.pid}
 
-    async def stream(self, task: ExpertTask) -> AsyncIterator[str]:
-        """Yield text deltas as the engine produces them (a Ray streaming generator)."""
+    async def run(self, task: ExpertTask, key: str, stream: bool) -> Completion:
+        """Generate one attempt's whole answer; with `stream`, publish it as it comes."""
         await self._ensure_started()
-        async for delta in self.engine.stream(_request(task)):
-            yield delta
+        channel = self.channels.open(key) if stream else None
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        done = Completion(replica=self.replica)
+        parts: list[str] = []
+        ended: str | None = "attempt ended early"
+        try:
+            async for delta in self.engine.stream(_request(task, key)):
+                if done.ttft_s is None:
+                    done.ttft_s = loop.time() - began
+                parts.append(delta.text)
+                done.completion_tokens += delta.tokens
+                if delta.prompt_tokens is not None:
+                    done.prompt_tokens = delta.prompt_tokens
+                if delta.finish_reason is not None:
+                    done.finish_reason = delta.finish_reason
+                if channel is not None:
+                    channel.put(delta.text, delta.tokens)
+            ended = None
+        finally:
+            if channel is not None:
+                self.channels.finish(key, ended)
+        done.text = "".join(parts)
+        return done
 
-    async def generate(self, task: ExpertTask) -> str:
-        """The whole answer in one object: one ObjectRef instead of one per token."""
-        await self._ensure_started()
-        return "".join([delta async for delta in self.engine.stream(_request(task))])
+    async def read(self, key: str, offset: int = 0,
+                   hold_s: float = 0.0) -> AsyncIterator[tuple[str, int]]:
+        """The attempt's text from character `offset`, in coalesced (text, tokens) batches."""
+        async for batch in self.channels.read(key, offset, hold_s):
+            yield batch
 
     async def stats(self) -> dict[str, Any]:
         engine_stats = await self.engine.stats()
         return {
             "expert": self.config.name,
+            "replica": self.replica,
             "backend": self.config.backend,
             "pid": self.pid,
             "node_id": self.node_id,
             "reconstructed": self.reconstructed,
+            "channels": len(self.channels),
             **engine_stats,
         }
+
+    def history(self) -> list[tuple[str, int]]:
+        """The engine's recent (request_id, priority) in arrival order (mock engines)."""
+        history = getattr(self.engine, "history", None)
+        return history() if history is not None else []
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

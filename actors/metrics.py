@@ -27,6 +27,12 @@ class Metrics:
             "chorus_ttft_seconds", "Time to the first primary token.",
             boundaries=_LATENCY_BUCKETS, tag_keys=("route",),
         )
+        self.actor_state = Gauge(
+            "chorus_actor_state", "1 for the state each supervised actor is in, else 0.",
+            tag_keys=("actor", "role", "state"))
+        self.recreations = Counter(
+            "chorus_actor_recreations_total", "Actors Chorus re-created after Ray gave up.",
+            tag_keys=("actor",))
         self.latency = Histogram(
             "chorus_request_latency_seconds", "Request latency, accepted to terminal event.",
             boundaries=_LATENCY_BUCKETS, tag_keys=("route",),

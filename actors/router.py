@@ -1,9 +1,10 @@
-"""RouterActor: turns a request into a plan, reading the executor's load first."""
+"""RouterActor: turns a request into a plan, using the load the executor publishes."""
 
 from __future__ import annotations
 
+import os
+
 import ray
-from ray.actor import ActorHandle
 
 from orchestration.config import ChorusConfig
 from orchestration.models import ExecutionPlan, ExecutorLoad, OrchestrateRequest
@@ -12,16 +13,27 @@ from orchestration.routing import plan_request
 
 @ray.remote
 class RouterActor:
-    """Load-aware planner: the policy lives in `orchestration.routing`, not here."""
+    """Load-aware planner: the policy lives in `orchestration.routing`, not here.
 
-    def __init__(self, config: ChorusConfig, executor: ActorHandle) -> None:
+    The executor pushes its load (`set_load`) when it changes, at most every
+    `router.load_publish_s`; planning reads that copy, so a plan costs no call of
+    its own to the executor.
+    """
+
+    def __init__(self, config: ChorusConfig) -> None:
         self.config = config
-        self.executor = executor
+        self.load = ExecutorLoad()
         self.load_override: ExecutorLoad | None = None
 
     async def plan(self, request: OrchestrateRequest) -> ExecutionPlan:
-        load = self.load_override or await self.executor.load.remote()
-        return plan_request(request, self.config, load)
+        return plan_request(request, self.config, self.load_override or self.load)
+
+    def set_load(self, active: int, queued: int) -> None:
+        self.load = ExecutorLoad(active=active, queued=queued)
+
+    def ping(self) -> dict[str, object]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "load": self.load.model_dump()}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

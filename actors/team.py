@@ -1,4 +1,8 @@
-"""Team: starts, attaches to and removes one Chorus team's actors, and runs requests on it."""
+"""Team: starts, attaches to, supervises and removes one Chorus team's actors.
+
+It also runs requests on them (`stream`), from the caller's process: see
+`actors/caller.py` for the path of one request.
+"""
 
 from __future__ import annotations
 
@@ -8,211 +12,256 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
 
+from actors.boundary import cause_of, translate
+from actors.caller import LivePlan, settled_plan
 from actors.executor import ExecutorActor
 from actors.expert import ExpertActor
+from actors.placement import missing_resources
 from actors.router import RouterActor
+from actors.supervisor import Supervisor, ray_state
 from orchestration.config import ChorusConfig, ExpertConfig
 from orchestration.errors import ChorusError, NoHealthyExpertError, PlacementError
-from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest
+from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest, PlanEvent
 from orchestration.pipeline import finish_stream
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The ChorusError a Ray task raised, rather than Ray's wrapper around it."""
-    if isinstance(exc, RayTaskError) and isinstance(exc.cause, ChorusError):
-        return exc.cause
-    return exc
-
-
-def _after_acceptance(request_id: str, error: BaseException) -> ErrorEvent:
-    """The terminal event for a failure after the request was accepted."""
-    if isinstance(error, ChorusError):
-        return ErrorEvent(request_id=request_id, code=error.code, message=error.message,
-                          status=error.status)
-    if isinstance(error, RayActorError):  # it restarts (max_restarts): the caller may retry
-        return ErrorEvent(request_id=request_id, code="unavailable", status=503,
-                          message="the Chorus executor died mid-request and is restarting; "
-                                  "retry shortly")
-    return ErrorEvent(request_id=request_id, code="internal_error", status=500,
-                      message=f"{type(error).__name__}: {error}")
-
-
-def _expert_options(expert: ExpertConfig, name: str, namespace: str) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "get_if_exists": True,
-        # Ray restarts a crashed expert; our executor retries its tasks (so no Ray retries).
-        "max_restarts": expert.max_restarts,
-        "max_task_retries": 0,
-        # Room above the engine's own bound for stats()/ready() calls.
-        "max_concurrency": expert.max_concurrency + 8,
-        **expert.actor_options(),
-    }
-    if expert.env:
-        options["runtime_env"] = {"env_vars": dict(expert.env)}
-    return options
-
-
-def _missing_resources(expert: ExpertConfig) -> str:
-    """Say which resource the cluster lacks for this expert, node by node."""
-    options = expert.actor_options()
-    wanted = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 0),
-              **expert.resources.resources}
-    if expert.resources.accelerator_type:
-        wanted[f"accelerator_type:{expert.resources.accelerator_type}"] = 0.001
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total, free = ray.cluster_resources(), ray.available_resources()
-    parts = []
-    for key, need in wanted.items():
-        largest = max((node.get(key, 0) for node in nodes), default=0)
-        if need and (need > largest or need > free.get(key, 0)):
-            parts.append(f"{key}={need:g} (largest node has {largest:g}; cluster total "
-                         f"{total.get(key, 0):g}, free {free.get(key, 0):g})")
-    return ", ".join(parts) or "resources that stayed busy (see `ray status`)"
+def replica_label(expert: str, index: int) -> str:
+    return f"{expert}#{index}"
 
 
 class Team:
-    """Handles to one running team: experts, executor and router, named in a namespace."""
+    """Handles to one running team: expert replicas, executor and router, in a namespace."""
 
     def __init__(self, config: ChorusConfig, name: str = "chorus") -> None:
         self.config = config
         self.name = name
         self.namespace = config.server.namespace
-        self.experts: dict[str, ActorHandle] = {}
+        self.replicas: dict[str, dict[str, ActorHandle]] = {}  # expert -> label -> handle
+        self.names: dict[str, str] = {}  # label ("general#0", "router") -> actor name
         self.executor: ActorHandle | None = None
         self.router: ActorHandle | None = None
+        self.supervisor: Supervisor | None = None
+
+    @property
+    def experts(self) -> dict[str, ActorHandle]:
+        """The first replica of each expert (for drills and tests)."""
+        return {name: next(iter(group.values())) for name, group in self.replicas.items()}
 
     def actor_name(self, role: str) -> str:
         return f"{self.name}.{role}"
 
+    def replica(self, label: str) -> ActorHandle:
+        expert = label.rsplit("#", 1)[0]
+        return self.replicas[expert][label]
+
+    # ------------------------------------------------------------------ actors
+
+    def _common(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "get_if_exists": True}
+
+    def create_replica(self, expert: ExpertConfig, label: str,
+                       incarnation: str = "") -> ActorHandle:
+        """One replica's actor; a re-created one gets a fresh name (`incarnation`)."""
+        self.names[label] = self.actor_name(f"expert.{label}{incarnation}")
+        options: dict[str, Any] = {
+            "name": self.names[label],
+            # Ray restarts a crashed expert; our executor retries its tasks (so no Ray retries).
+            "max_restarts": expert.max_restarts,
+            "max_task_retries": 0,
+            # Room above the engine's bound for streamed reads and stats()/ready() calls.
+            "max_concurrency": 2 * expert.max_concurrency + 8,
+            **self._common(),
+            **expert.actor_options(),
+        }
+        if expert.env:
+            options["runtime_env"] = {"env_vars": dict(expert.env)}
+        handle = ExpertActor.options(**options).remote(expert, label, self.config.stream)
+        self.replicas.setdefault(expert.name, {})[label] = handle
+        return handle
+
+    def create_router(self, incarnation: str = "") -> ActorHandle:
+        self.names["router"] = self.actor_name(f"router{incarnation}")
+        self.router = RouterActor.options(
+            name=self.names["router"], max_restarts=3,
+            max_concurrency=self.config.executor.max_concurrent_plans,
+            **self.config.router.resources.ray_options(), **self._common(),
+        ).remote(self.config)
+        return self.router
+
+    def create_executor(self, incarnation: str = "") -> ActorHandle:
+        self.names["executor"] = self.actor_name(f"executor{incarnation}")
+        replicas = {expert: {label: self.names[label] for label in group}
+                    for expert, group in self.replicas.items()}
+        self.executor = ExecutorActor.options(
+            name=self.names["executor"], max_restarts=3,
+            max_concurrency=self.config.executor.max_concurrent_plans,
+            **self.config.executor.resources.ray_options(), **self._common(),
+        ).remote(self.config, replicas, self.names.get("router"))
+        return self.executor
+
     @classmethod
-    async def start(cls, config: ChorusConfig, name: str = "chorus") -> Team:
-        """Create (or attach to) the team's actors and wait until every expert is ready."""
+    async def start(cls, config: ChorusConfig, name: str = "chorus",
+                    supervise: bool = True) -> Team:
+        """Create (or attach to) the team's actors and wait until every one is ready."""
         team = cls(config, name)
         for expert in config.experts:
-            options = _expert_options(expert, team.actor_name(f"expert.{expert.name}"), team.namespace)
-            team.experts[expert.name] = ExpertActor.options(**options).remote(expert)
+            team.create_replica(expert, replica_label(expert.name, 0))
         # A crashed control actor comes back for the next requests (its in-flight streams
         # end with an `error` event); its state is per-request, so nothing else is lost.
-        common = {"namespace": team.namespace, "get_if_exists": True, "max_restarts": 3}
-        team.executor = ExecutorActor.options(
-            name=team.actor_name("executor"),
-            max_concurrency=config.executor.max_concurrent_plans,
-            **config.executor.resources.ray_options(),
-            **common,
-        ).remote(config, team.experts)
-        team.router = RouterActor.options(
-            name=team.actor_name("router"),
-            max_concurrency=config.executor.max_concurrent_plans,
-            **config.router.resources.ray_options(),
-            **common,
-        ).remote(config, team.executor)
+        team.create_router()
+        team.create_executor()
         try:
             await team.wait_ready(config.server.startup_timeout_s)
         except BaseException:
             team.shutdown()
             raise
+        if supervise:
+            team.supervisor = Supervisor(team)
+            team.supervisor.start()
         return team
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Fail fast, naming the expert and the resource, when an actor cannot be placed."""
+        """Fail fast, naming each expert and the resource, when the team cannot be placed."""
         assert self.executor is not None and self.router is not None
-        pending = {name: h.ready.remote() for name, h in self.experts.items()}
-        pending["executor"] = self.executor.load.remote()
-        pending["router"] = self.router.node_id.remote()
+        pending = {label: handle.ready.remote()
+                   for group in self.replicas.values() for label, handle in group.items()}
+        pending["executor"] = self.executor.probe.remote()
+        pending["router"] = self.router.ping.remote()
         refs = list(pending.values())
         ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
-        late = [name for name, ref in pending.items() if ref not in ready]
+        late = [label for label, ref in pending.items() if ref not in ready]
         if late:
-            details = [
-                f"expert {name!r} needs {_missing_resources(self.config.expert(name))}"
-                if name in self.experts
-                else f"{name} actor did not start"
-                for name in late
-            ]
+            experts = {label.rsplit("#", 1)[0] for label in late if "#" in label}
+            details = [f"expert {name!r} needs {missing_resources(self.config.expert(name))}"
+                       for name in sorted(experts)]
+            details += [f"{label} actor did not start" for label in late if "#" not in label]
+            first = sorted(experts)[0] if experts else None
             raise PlacementError(
                 f"cannot place the team within {timeout_s:g}s: " + "; ".join(details),
-                field=f"experts.{late[0]}" if late[0] in self.experts else None,
-            )
-        for name, ref in pending.items():  # placed, but did its engine start?
+                field=f"experts.{first}" if first else None)
+        for label, ref in pending.items():  # placed, but did its engine start?
             try:
                 await ref
-            except Exception as exc:
-                raise NoHealthyExpertError(
-                    f"{name} failed to start: {unwrap(exc)}", field=f"experts.{name}"
-                ) from None
+            except Exception as exc:  # the engine raised while loading: name the expert
+                name = label.rsplit("#", 1)[0]
+                raise NoHealthyExpertError(f"{name} failed to start: {cause_of(exc)}",
+                                           field=f"experts.{name}") from None
 
-    async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
+    # ------------------------------------------------------------------ requests
+
+    async def stream(self, request: OrchestrateRequest, live: bool = True) -> AsyncIterator[Any]:
         """One request end to end: plan, dispatch, guard, fusion; ends in done or error.
 
-        Errors before the plan is accepted (bad input, full queue) are raised, so a
-        server can still answer 4xx/429; after it, they become the terminal `error` event.
+        Errors before the plan is admitted (bad input, full queue, actors down) are
+        raised, so a server can still answer 4xx/429/503; after it, they become the
+        terminal `error` event. `live=False` returns no text before the end (cheaper).
         """
         assert self.router is not None and self.executor is not None
         try:
             plan = await self.router.plan.remote(request)
-            gen = self.executor.stream.options(num_returns="streaming").remote(plan)
-            first = await (await gen.__anext__())
-        except Exception as exc:
-            raise unwrap(exc) from None
+        except Exception as exc:  # bad input (UnknownExpertError), or the router down
+            raise translate(exc, actor="router") from None
+        if live:
+            source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
+            events: AsyncIterator[Any] = source.events()
+        else:
+            events = _replay(await settled_plan(plan, self.executor))
+        first = PlanEvent(request_id=plan.request_id, plan=plan)
+        synthesize = self._synthesize if live else self._synthesize_settled
         finished = False
         try:
-            async for event in finish_stream(first, self._events(gen), self.config, self._synthesize):
+            async for event in finish_stream(first, events, self.config, synthesize):
                 finished = event.type in ("done", "error")
                 yield event
-        except Exception as exc:
+        except ChorusError as exc:  # the executor or a replica failed mid-request
             if not finished:
-                yield _after_acceptance(request.id, unwrap(exc))
+                yield ErrorEvent(request_id=plan.request_id, code=exc.code,
+                                 message=exc.message, status=exc.status)
         finally:
-            if not finished:
-                # The caller went away (or failed): nothing of this request may keep running.
-                ray.cancel(gen)
-                self.executor.cancel.remote(request.id)
-
-    @staticmethod
-    async def _events(gen: Any) -> AsyncIterator[Any]:
-        async for ref in gen:
-            yield await ref
+            await events.aclose()  # the caller went away: LivePlan cancels every task
 
     async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None
-        gen = self.executor.run_task.options(num_returns="streaming").remote(task)
+        plan = _one_task_plan(task)
+        source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
+        events = source.events()
         try:
-            async for event in self._events(gen):
+            async for event in events:
                 yield event
         finally:
-            ray.cancel(gen)
+            await events.aclose()
 
-    async def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """Executor and per-expert stats; an expert that does not answer says why."""
+    async def _synthesize_settled(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None
-        names = list(self.experts)
-        expert_stats = await asyncio.gather(
-            *(asyncio.wait_for(self.experts[n].stats.remote(), timeout_s) for n in names),
-            return_exceptions=True,
-        )
+        for event in await settled_plan(_one_task_plan(task), self.executor):
+            yield event
 
-        def describe(stat: Any) -> dict[str, Any]:
-            if isinstance(stat, dict):
-                return stat
-            if isinstance(stat, TimeoutError):
-                return {"error": f"no answer within {timeout_s:g}s (restarting or busy)"}
-            return {"error": f"{type(unwrap(stat)).__name__}: {unwrap(stat)}"}
+    # ------------------------------------------------------------------ health and stats
 
-        assert self.router is not None
-        return {
-            "router": {"node_id": await self.router.node_id.remote()},
-            "executor": await self.executor.stats.remote(),
-            "experts": {n: describe(s) for n, s in zip(names, expert_stats, strict=True)},
-        }
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Can a default request be served right now? (`/readyz`)"""
+        assert self.supervisor is not None
+        return await self.supervisor.readiness()
+
+    async def stats(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
+        """Executor, router and per-replica stats; a replica that does not answer says why."""
+        assert self.executor is not None and self.router is not None
+        labels = [(expert, label) for expert, group in self.replicas.items() for label in group]
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(self.replicas[e][label].stats.remote(), timeout_s)
+              for e, label in labels),
+            asyncio.wait_for(self.executor.stats.remote(), timeout_s),
+            asyncio.wait_for(self.router.ping.remote(), timeout_s),
+            return_exceptions=True)
+        lives = self.supervisor.states() if self.supervisor else {}
+        restarts = await asyncio.to_thread(
+            lambda: [ray_state(self.replicas[e][label])[1] for e, label in labels])
+        experts: dict[str, Any] = {}
+        for (expert, label), answer, ray_restarts in zip(labels, answers, restarts, strict=False):
+            replica = {**_describe(answer, timeout_s), "ray_restarts": ray_restarts}
+            if label in lives:
+                replica["supervision"] = lives[label]
+            entry = experts.setdefault(expert, {"replicas": {}})
+            entry["replicas"][label] = replica
+        for entry in experts.values():
+            first = next(iter(entry["replicas"].values()))
+            entry.update({k: v for k, v in first.items() if k != "supervision"})
+            entry["state"] = lives.get(next(iter(entry["replicas"])), {}).get("status")
+        return {"router": {**_describe(answers[-1], timeout_s), "supervision": lives.get("router")},
+                "executor": {**_describe(answers[-2], timeout_s),
+                             "supervision": lives.get("executor")},
+                "experts": experts}
 
     def shutdown(self) -> None:
-        """Kill every actor of the team (no restarts)."""
-        for handle in [self.router, self.executor, *self.experts.values()]:
+        """Stop supervising and kill every actor of the team (no restarts)."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        handles = [self.router, self.executor,
+                   *(h for group in self.replicas.values() for h in group.values())]
+        for handle in handles:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
-        self.experts.clear()
+        self.replicas.clear()
         self.executor = self.router = None
+
+
+def _one_task_plan(task: ExpertTask) -> Any:
+    from orchestration.models import ExecutionPlan
+
+    return ExecutionPlan(request_id=f"{task.request_id or task.id}.{task.role}",
+                         strategy="SERIAL", primary=task.model_copy(update={"stream": True}))
+
+
+async def _replay(events: list[Any]) -> AsyncIterator[Any]:
+    for event in events:
+        yield event
+
+
+def _describe(answer: Any, timeout_s: float | None) -> dict[str, Any]:
+    if isinstance(answer, dict):
+        return answer
+    if isinstance(answer, TimeoutError):
+        return {"error": f"no answer within {timeout_s:g}s (restarting or busy)"}
+    return {"error": translate(answer, actor="actor").message}

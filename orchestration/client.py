@@ -94,15 +94,15 @@ class _ServeBackend:
         self.handle = serve.get_app_handle(self.app_name)
 
     async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
-        from actors.team import unwrap
+        from actors.boundary import translate
 
         response = self.handle.options(stream=True).stream_events.remote(
             request.model_dump(mode="json"))
         try:
             async for data in response:
                 yield _EVENT.validate_python(data)
-        except Exception as exc:
-            raise unwrap(exc) from None
+        except Exception as exc:  # Ray's error for what the replica raised: ours instead
+            raise translate(exc, actor="ingress") from None
         finally:
             response.cancel()  # no-op once finished; otherwise the replica stops the request
 

@@ -112,16 +112,20 @@ class RouterConfig(_Section):
     max_parallel_experts: NonNegInt = 3
     default_strategy: ExecutionStrategy = ExecutionStrategy.PARALLEL_FULL
     thresholds: LoadThresholds = Field(default_factory=LoadThresholds)
+    # The executor pushes its load to the router at most this often (when it changed).
+    load_publish_s: PositiveFloat = 0.05
     resources: ActorResources = Field(default_factory=ActorResources)
 
 
 class RetryConfig(_Section):
-    """The seeds' policy: 3 attempts, waits of 200 ms x 2^n."""
+    """The seeds' policy: 3 attempts, waits of 200 ms x 2^n, each scaled by 1 ± jitter."""
 
     attempts: PositiveInt = 3
     initial_wait_s: NonNegFloat = 0.2
     multiplier: Annotated[float, Field(ge=1)] = 2.0
     max_wait_s: NonNegFloat = 5.0
+    # Each wait is multiplied by a random factor in [1 - jitter, 1 + jitter]; 0 = exact.
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 class ExecutorConfig(_Section):
@@ -152,6 +156,39 @@ class ExecutorConfig(_Section):
         return self
 
 
+class StreamConfig(_Section):
+    """How generated text travels from an expert to the caller (see docs/token-path.md)."""
+
+    # After the first batch (sent at once), a stream sends at most one batch per
+    # `max_hold_s`: text that arrives sooner waits at most this long and leaves merged.
+    max_hold_s: NonNegFloat = 0.02
+    # Ray generator backpressure: batches in flight before the producer waits (and
+    # merges what piles up meanwhile).
+    backpressure_objects: PositiveInt = 1
+    # How long an attempt's text stays readable after it ended, and how long a reader
+    # waits for an attempt that never started (it was cancelled before dispatch).
+    linger_s: PositiveFloat = 10.0
+    orphan_s: PositiveFloat = 60.0
+
+
+class SupervisionConfig(_Section):
+    """Chorus re-creates an actor that Ray will no longer restart (see docs/operations.md)."""
+
+    check_interval_s: PositiveFloat = 1.0
+    # An answer to the health check later than this counts as not ready.
+    ping_timeout_s: PositiveFloat = 5.0
+    # /readyz waits this long for the router and the executor to answer.
+    readiness_timeout_s: PositiveFloat = 2.0
+    # Backoff between re-creations of one actor: initial x 2^n, capped, jittered.
+    initial_backoff_s: PositiveFloat = 1.0
+    max_backoff_s: PositiveFloat = 60.0
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # Ready this long without failing again: the next failure starts the backoff over.
+    stable_after_s: PositiveFloat = 60.0
+    # /readyz: the executor is wedged if work waits and no slot moved for this long.
+    wedged_after_s: PositiveFloat = 60.0
+
+
 class FusionConfig(_Section):
     strategy: Literal["primary", "append", "synthesize"] = "append"
     synthesizer: str | None = None
@@ -175,6 +212,12 @@ class ServerConfig(_Section):
     api_key: str | None = None
     max_prompt_chars: PositiveInt = 32_000
     max_tokens_limit: PositiveInt = 4096
+    # Request bodies: larger is refused with 413, deeper JSON nesting with 400.
+    max_body_bytes: PositiveInt = 2 * 1024 * 1024
+    max_json_depth: PositiveInt = 32
+    # The caller's X-Request-ID is kept as a correlation label up to this length
+    # (printable ASCII); longer or unprintable is refused with 400 naming the header.
+    max_correlation_id_chars: PositiveInt = 128
     retry_after_s: PositiveInt = 1
     startup_timeout_s: PositiveFloat = 120.0
     namespace: str = "chorus"
@@ -189,6 +232,8 @@ class ChorusConfig(_Section):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @model_validator(mode="after")
     def _references(self) -> ChorusConfig:

@@ -1,7 +1,29 @@
 """Errors Chorus raises on purpose, each with a stable code and the HTTP status it maps to.
 
 They cross Ray boundaries (wrapped in `RayTaskError`, whose `.cause` is the original),
-so they are plain picklable exceptions with simple constructor arguments.
+so they are plain picklable exceptions with simple constructor arguments. Ray's own
+exceptions are translated into these in one place, `actors/boundary.py`.
+
+    ChorusError (500 chorus_error)
+    ├── ConfigError ................ invalid_config: a config file names a bad field
+    ├── BadRequestError (422) ...... invalid_request: the caller's input; never retried
+    │   ├── InvalidJSONError (400) . invalid_json: not JSON, not an object, too deep
+    │   ├── BodyTooLargeError (413)  body_too_large
+    │   ├── InvalidHeaderError (400) invalid_header: e.g. an oversized X-Request-ID
+    │   └── UnknownExpertError (404) unknown_expert / unknown model
+    ├── UnauthorizedError (401)
+    ├── NotFoundError (404) ........ not_found: no such route
+    ├── MethodNotAllowedError (405)  method_not_allowed
+    ├── QueueFullError (429) ....... queue_full: admission refused, Retry-After
+    ├── NoHealthyExpertError (503) . no expert could serve the request
+    ├── ServiceUnavailableError (503) unavailable: router/executor down or restarting
+    ├── PlacementError (503) ....... placement_failed: the cluster cannot hold the team
+    ├── InternalError (500) ........ internal_error: a bug; the message says where
+    ├── TaskCancelledError (499) ... cancelled: the request (or the call) was cancelled
+    └── TransientError ............. worth a retry (then a fallback)
+        ├── EngineError ............ engine_error: the engine failed this attempt
+        ├── TaskTimeoutError ....... timeout: no complete answer before the deadline
+        └── ExpertUnavailableError . expert_unavailable: the expert's process is down
 """
 
 from __future__ import annotations
@@ -47,9 +69,41 @@ class InvalidJSONError(BadRequestError):
     status = 400
 
 
+class BodyTooLargeError(BadRequestError):
+    code = "body_too_large"
+    status = 413
+
+
+class InvalidHeaderError(BadRequestError):
+    code = "invalid_header"
+    status = 400
+
+
 class UnauthorizedError(ChorusError):
     code = "unauthorized"
     status = 401
+
+
+class NotFoundError(ChorusError):
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowedError(ChorusError):
+    code = "method_not_allowed"
+    status = 405
+
+
+class ServiceUnavailableError(ChorusError):
+    """A control actor (router, executor) is down or restarting: retry shortly."""
+
+    code = "unavailable"
+    status = 503
+
+
+class InternalError(ChorusError):
+    code = "internal_error"
+    status = 500
 
 
 class UnknownExpertError(BadRequestError):

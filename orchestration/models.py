@@ -10,7 +10,14 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from orchestration.errors import BadRequestError, bad_request
 
@@ -63,8 +70,12 @@ def parse_input(model: type[M], data: Any) -> M:
         raise bad_request(exc) from None
 
 
+# Seeds go to engines as 64-bit integers.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InferenceOptions(_Model):
@@ -85,11 +96,15 @@ class OrchestrateRequest(_Model):
     # Expert that answers first and streams (default: the router's primary).
     primary: str | None = None
     strategy: ExecutionStrategy | None = None
-    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     # Sampling seed for every task; unset, each task gets a stable one of its own.
-    seed: int | None = None
+    seed: Seed | None = None
+    # Also stream the specialists' texts (`expert_delta` events), not only the primary's.
+    stream_experts: StrictBool = False
+    # The caller's X-Request-ID, kept as a label for logs (never used as an identity).
+    correlation_id: str | None = None
     id: str = Field(default_factory=lambda: new_id("req"))
 
     @classmethod
@@ -133,6 +148,9 @@ class ExpertTask(_Model):
     request_id: str | None = None
     # Set by the executor per dispatch; engines key their requests on (id, attempt).
     attempt: int = 1
+    # Whether the caller reads this task's text as it is generated (the primary, a
+    # synthesis, or every task with `stream_experts`); others return it in one piece.
+    stream: bool = False
 
 
 class ExecutionPlan(_Model):
@@ -166,9 +184,14 @@ class TaskResult(_Model):
     attempts: int = 0
     latency_s: float = 0.0
     ttft_s: float | None = None
+    # Completion tokens of the answer, as the engine counted them.
     tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
     # Experts that actually served the attempts (differs from `expert` after a fallback).
     served_by: list[str] = Field(default_factory=list)
+    # The replica (actor) of each attempt, e.g. `general#0`.
+    replicas: list[str] = Field(default_factory=list)
     # Backoff waits (seconds) the retry policy chose between attempts, in order.
     retry_waits: list[float] = Field(default_factory=list)
 
@@ -191,6 +214,31 @@ class PrimaryDelta(_Model):
 
     type: Literal["primary"] = "primary"
     request_id: str
+    expert: str
+    delta: str
+    attempt: int = 1
+
+
+class TaskEvent(_Model):
+    """A task was dispatched (`running`) or will be retried (`retrying`), with which attempt."""
+
+    type: Literal["task"] = "task"
+    request_id: str
+    task_id: str
+    expert: str
+    role: Literal["primary", "expert", "synthesis"] = "expert"
+    state: Literal["running", "retrying"]
+    attempt: int
+    replica: str | None = None
+    reason: str | None = None
+
+
+class ExpertDelta(_Model):
+    """A piece of a specialist's answer (only with `stream_experts`)."""
+
+    type: Literal["expert_delta"] = "expert_delta"
+    request_id: str
+    task_id: str
     expert: str
     delta: str
     attempt: int = 1
@@ -238,6 +286,8 @@ class DoneEvent(_Model):
 StreamEvent = Annotated[
     PlanEvent
     | PrimaryDelta
+    | TaskEvent
+    | ExpertDelta
     | ExpertEvent
     | FusionDelta
     | FusionEvent

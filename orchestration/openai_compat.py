@@ -10,10 +10,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from orchestration.errors import BadRequestError, ChorusError, UnknownExpertError
-from orchestration.models import OrchestrateRequest, parse_input
+from orchestration.models import OrchestrateRequest, Seed, TaskResult, parse_input
 
 TEAM_MODEL = "chorus"
 
@@ -35,23 +35,23 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's chat-completion body that Chorus honours."""
 
     # Unknown OpenAI parameters (top_p, logprobs, ...) are ignored, as vLLM's server does.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
     @classmethod
     def parse(cls, data: Any) -> ChatCompletionRequest:
@@ -90,11 +90,12 @@ def to_orchestrate(chat: ChatCompletionRequest, experts: list[str], request_id: 
         raise
 
 
-def usage(prompt: str, completion_tokens: int) -> dict[str, int]:
-    # Engines report tokens as streamed deltas; the prompt is estimated by words.
-    prompt_tokens = max(1, len(prompt.split()))
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(primary: TaskResult | None) -> dict[str, int]:
+    """OpenAI's `usage` from the engine's own counts for the answer that was streamed."""
+    prompt = (primary.prompt_tokens or 0) if primary else 0
+    completion = primary.tokens if primary else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 class CompletionIds:
@@ -127,7 +128,8 @@ class CompletionIds:
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 405: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                404: "not_found_error", 405: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable", 504: "timeout_error"}
 
 

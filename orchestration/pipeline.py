@@ -22,6 +22,7 @@ from orchestration.guard import ResponseGuard
 from orchestration.models import (
     DoneEvent,
     ErrorEvent,
+    ExpertDelta,
     ExpertEvent,
     ExpertTask,
     FusionDelta,
@@ -121,13 +122,22 @@ async def finish_stream(
     """Guard every text that leaves, fuse at the end, and close with done or error."""
     state = _Finisher(first, config, synthesize)
     live = state.guard.stream()
+    specialists: dict[str, Any] = {}  # task id -> guard window of a streamed specialist
     yield first
     async for event in events:
         if isinstance(event, PrimaryDelta):
             state.first_delta_at = state.first_delta_at or time.monotonic()
             if safe := live.feed(event.delta):
                 yield event.model_copy(update={"delta": safe})
+        elif isinstance(event, ExpertDelta):
+            window = specialists.setdefault(event.task_id, state.guard.stream())
+            if safe := window.feed(event.delta):
+                yield event.model_copy(update={"delta": safe})
         elif isinstance(event, ExpertEvent):
+            window = specialists.pop(event.result.task_id, None)
+            if window is not None and (tail := window.flush()):
+                yield ExpertDelta(request_id=state.request_id, task_id=event.result.task_id,
+                                  expert=event.result.expert, delta=tail)
             yield event.model_copy(update={"result": state.clean(event.result)})
         elif isinstance(event, DoneEvent):
             if tail := live.flush():

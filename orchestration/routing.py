@@ -106,6 +106,9 @@ def plan_request(
             temperature=options.temperature,
             seed=options.seed,
             request_id=request.id,
+            # The caller reads the primary's text as it comes (and, when asked, the
+            # specialists'); the other texts come back whole in their results.
+            stream=role != "expert" or request.stream_experts,
         )
 
     return ExecutionPlan(

@@ -24,7 +24,9 @@ import yaml
 from orchestration.config import ChorusConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RAY_INIT = {"num_cpus": 8, "include_dashboard": False, "namespace": "chorus-tests",
+# address="local": always a fresh instance of our own, never another session's cluster.
+RAY_INIT = {"address": "local", "num_cpus": 8, "include_dashboard": False,
+            "namespace": "chorus-tests",
             "log_to_driver": False,
             # Export metrics every second (default 10 s) so the metrics test waits less.
             "_system_config": {"metrics_report_interval_ms": 1000}}

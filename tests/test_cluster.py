@@ -122,7 +122,7 @@ async def test_node_loss_restarts_experts_and_every_request_terminates(cluster) 
     for name in lost:
         assert after["experts"][name]["node_id"] != victim.node_id
         assert after["experts"][name]["reconstructed"] is True
-        assert after["executor"]["restarts_seen"].get(name, 0) >= 1
+        assert after["experts"][name]["replicas"][f"{name}#0"]["ray_restarts"] >= 1
 
 
 async def test_a_node_that_comes_back_is_used_again(cluster) -> None:

@@ -18,7 +18,30 @@ def _request(n: int = 0, prompt: str = "hi") -> GenerationRequest:
 
 
 async def _text(engine: MockEngine, request: GenerationRequest) -> str:
-    return "".join([d async for d in engine.stream(request)])
+    return "".join([d.text async for d in engine.stream(request)])
+
+
+async def test_deltas_carry_token_counts_and_the_finish_reason() -> None:
+    engine = MockEngine("x", MockOptions(ttft_s=0, token_latency_s=0.001, tokens=12))
+    capped = [d async for d in engine.stream(_request())]  # max_tokens 8 < 12 tokens
+    assert sum(d.tokens for d in capped) == 8 and capped[-1].finish_reason == "length"
+    assert [d.finish_reason for d in capped[:-1]] == [None] * (len(capped) - 1)
+    assert capped[0].prompt_tokens == 1  # "hi"
+    whole = [d async for d in engine.stream(
+        GenerationRequest(request_id="r", prompt="hi there", max_tokens=100))]
+    assert sum(d.tokens for d in whole) == 12 and whole[-1].finish_reason == "stop"
+
+
+async def test_a_slow_consumer_gets_fewer_bigger_deltas_with_the_same_text() -> None:
+    engine = MockEngine("x", MockOptions(ttft_s=0, token_latency_s=0.01, tokens=8))
+    fast = [d async for d in engine.stream(_request())]
+    slow = []
+    async for delta in engine.stream(_request()):
+        slow.append(delta)
+        await asyncio.sleep(0.05)  # a busy consumer: tokens come due meanwhile
+    assert "".join(d.text for d in slow) == "".join(d.text for d in fast)
+    assert sum(d.tokens for d in slow) == 8 and len(slow) < 8 and max(d.tokens for d in slow) > 1
+    assert engine.tokens_out == 16
 
 
 async def test_same_inputs_same_text_and_token_count() -> None:
@@ -61,12 +84,12 @@ async def test_hang_ends_only_when_cancelled_and_is_counted() -> None:
     assert stats["cancelled"] == 1 and stats["active"] == 0
 
 
-async def test_stats_keep_only_the_latest_requests_seen() -> None:
-    from actors.engines.mock import SEEN_LIMIT
+async def test_history_keeps_only_the_latest_requests() -> None:
+    from actors.engines.mock import HISTORY
 
     engine = MockEngine("code", MockOptions(ttft_s=0, token_latency_s=0, tokens=1))
-    for n in range(SEEN_LIMIT + 10):
+    for n in range(HISTORY + 10):
         await _text(engine, _request(n))
-    stats = await engine.stats()
-    assert stats["requests"] == SEEN_LIMIT + 10  # counters still count everything
-    assert [rid for rid, _ in stats["seen"]] == [f"r{n}" for n in range(10, SEEN_LIMIT + 10)]
+    assert (await engine.stats())["requests"] == HISTORY + 10  # counters count everything
+    assert [rid for rid, _ in engine.history()] == [f"r{n}" for n in range(10, HISTORY + 10)]
+    assert "seen" not in await engine.stats()  # /v1/stats stays the same size

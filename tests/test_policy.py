@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
+from orchestration.config import RetryConfig
 from orchestration.errors import BadRequestError, TransientError, UnknownExpertError
 from orchestration.models import ExecutionStrategy, ExecutorLoad, OrchestrateRequest
 from orchestration.routing import plan_request
-from orchestration.scheduling import Occupancy, SlotScheduler, Waiter, build_retrying, pick_grants
+from orchestration.scheduling import build_retrying
 from tests.conftest import make_config
 
 
@@ -77,59 +76,43 @@ def test_bad_request_names_the_field(data: dict, field: str) -> None:
     assert info.value.message.startswith(f"{field}:")
 
 
-def _waiter(priority: int, seq: int, expert: str = "a", plan: str = "p") -> Waiter:
-    return Waiter((-priority, seq), expert, plan)
-
-
-def test_grants_follow_priority_then_arrival_within_bounds() -> None:
-    waiting = sorted([_waiter(1, 0), _waiter(10, 1), _waiter(5, 2), _waiter(10, 3)])
-    grants = pick_grants(waiting, Occupancy(), 3, lambda _: 9, lambda _: 9)
-    assert [w.sort_key for w in grants] == [(-10, 1), (-10, 3), (-5, 2)]
-
-
-def test_grants_skip_a_full_expert_and_a_full_plan() -> None:
-    occupancy = Occupancy()
-    occupancy.add("busy", "p1")
-    waiting = sorted([_waiter(10, 0, "busy", "p2"), _waiter(5, 1, "free", "p1"),
-                      _waiter(1, 2, "free", "p3")])
-    grants = pick_grants(waiting, occupancy, 10, lambda e: 1, lambda p: 1)
-    assert [(w.expert, w.plan_id) for w in grants] == [("free", "p3")]
-
-
-async def test_scheduler_grants_in_order_and_withdraws_cancelled_waiters() -> None:
-    scheduler = SlotScheduler(max_in_flight=1, expert_limits={"a": 1})
-    scheduler.open_plan("p", 4)
-    order: list[str] = []
-    await scheduler.acquire("a", "p", 1)  # holds the only slot
-
-    async def job(name: str, priority: int) -> None:
-        await scheduler.acquire("a", "p", priority)
-        order.append(name)
-        scheduler.release("a", "p")
-
-    jobs = [asyncio.ensure_future(job(n, p)) for n, p in [("low", 1), ("high", 10), ("mid", 5)]]
-    doomed = asyncio.ensure_future(job("cancelled", 50))
-    await asyncio.sleep(0)  # let all four park in the scheduler
-    assert scheduler.waiting == 4
-    doomed.cancel()
-    await asyncio.gather(doomed, return_exceptions=True)
-    assert scheduler.waiting == 3
-    scheduler.release("a", "p")
-    await asyncio.gather(*jobs)
-    assert order == ["high", "mid", "low"]
-    assert scheduler.peak_in_flight == 1 and scheduler.occupancy.total == 0
-
-
-async def test_retry_policy_waits_like_the_seeds() -> None:
-    config = make_config()
+async def _failing_waits(policy: RetryConfig) -> list[float]:
     waits: list[float] = []
     calls = 0
     with pytest.raises(TransientError):
-        async for attempt in build_retrying(config.executor.retry, waits.append):
+        async for attempt in build_retrying(policy, waits.append):
             with attempt:
                 calls += 1
                 raise TransientError("boom")
-    assert calls == 3 and waits == [0.2, 0.4]
+    assert calls == policy.attempts
+    return waits
+
+
+async def test_retry_policy_waits_like_the_seeds() -> None:
+    exact = make_config(executor={"retry": {"jitter": 0}}).executor.retry
+    assert await _failing_waits(exact) == [0.2, 0.4]
+
+
+async def test_retry_waits_are_jittered_around_the_seeds_schedule() -> None:
+    import statistics
+
+    policy = make_config().executor.retry  # jitter 0.5 by default
+    assert len(await _failing_waits(policy)) == 2
+    sample = [build_waits(policy) for _ in range(2000)]
+    firsts, seconds = [w[0] for w in sample], [w[1] for w in sample]
+    assert all(0.1 <= w <= 0.3 for w in firsts) and all(0.2 <= w <= 0.6 for w in seconds)
+    assert abs(statistics.mean(firsts) - 0.2) < 0.01 and abs(statistics.mean(seconds) - 0.4) < 0.02
+    assert len({round(w, 6) for w in firsts}) > 1000  # spread out, not one wave
+
+
+def build_waits(policy: RetryConfig) -> list[float]:
+    """The waits the policy would choose before attempts 2 and 3."""
+    import types
+
+    from orchestration.scheduling import backoff
+
+    wait = backoff(policy)
+    return [wait(types.SimpleNamespace(attempt_number=n)) for n in (1, 2)]
 
 
 async def test_retry_policy_does_not_retry_bad_input() -> None:

@@ -44,7 +44,10 @@ def guarded(serve_port: int, tmp_path_factory) -> str:
 
     data = config_dict("mock")
     tweaks = {
-        "general": {"mock": {"inject": LEAK, "inject_chunk": 4, "tokens": 6}},
+        # Slower than the stream's hold time, so the 4-character pieces of the leak
+        # travel in separate deltas and the secret spans several of them.
+        "general": {"mock": {"inject": LEAK, "inject_chunk": 4, "tokens": 6,
+                             "token_latency_s": 0.05}},
         "code": {"mock": {"ttft_s": 0.4, "tokens": 3}},
         "math": {"mock": {"tokens": 400, "token_latency_s": 0.05}},
         "critic": {"mock": {"ttft_s": 20}},
@@ -92,8 +95,12 @@ def test_non_streaming_orchestrate_and_request_id(base_url) -> None:
                           headers={"X-Request-ID": "my-req-1"}, timeout=60)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"id", "plan", "content", "primary", "experts", "timings"}
-    assert body["id"] == "my-req-1" == response.headers["x-request-id"]
+    assert set(body) == {"id", "correlation_id", "plan", "content", "primary", "experts",
+                         "timings"}
+    # The server's own id identifies the request; the caller's is only a label.
+    assert body["id"].startswith("req-") and body["id"] == response.headers["x-chorus-request-id"]
+    assert body["correlation_id"] == "my-req-1" == response.headers["x-request-id"]
+    assert body["plan"]["request_id"] == body["id"]
     assert body["primary"]["status"] == "success" and body["content"]
 
 

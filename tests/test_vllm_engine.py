@@ -42,7 +42,7 @@ async def engine():
 
 async def generate(engine: Any, prompt: str, **options: Any) -> str:
     request = GenerationRequest(request_id=f"t-{prompt[:12]}", prompt=prompt, **options)
-    return "".join([delta async for delta in engine.stream(request)])
+    return "".join([delta.text async for delta in engine.stream(request)])
 
 
 async def test_capital_of_france(engine):

@@ -57,6 +57,7 @@ def page(browser):
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
+    page.unroute_all(behavior="ignoreErrors")  # a relay still in flight must not fail it
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 
@@ -111,12 +112,20 @@ def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
     url, _ = base_url
     _ready(page, url)
     page.fill("#prompt", "Review this Python code for a bug")
-    # Every length the primary's text goes through, recorded by the page as it changes.
+    # Every length the primary's text goes through, and every state each card goes
+    # through, recorded in the page as the DOM changes.
     page.evaluate("""() => {
       const node = document.getElementById('primary-text');
       window.lengths = [];
       new MutationObserver(() => window.lengths.push(node.textContent.length))
         .observe(node, {childList: true, characterData: true, subtree: true});
+      window.paths = {};
+      new MutationObserver((records) => records.forEach((r) => {
+        const path = window.paths[r.target.dataset.task] ??= [r.oldValue];
+        path.push(r.target.dataset.state);
+      })).observe(document.getElementById('cards'),
+                  {attributes: true, attributeFilter: ['data-state'], attributeOldValue: true,
+                   subtree: true});
     }""")
     with page.expect_response(lambda r: r.url.endswith("/v1/orchestrate")) as sent:
         page.click("#send")
@@ -140,7 +149,10 @@ def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
     results = {data["result"]["task_id"]: data["result"] for kind, data in events
                if kind == "expert"}
     assert {task["id"] for task in plan["experts"]} == set(results) and len(results) == 2
+    paths = page.evaluate("window.paths")
     for task_id, result in results.items():
+        # queued -> running (a `task` event) -> ... -> its final state
+        assert paths[task_id][:2] == ["queued", "running"], paths[task_id]
         card = page.locator(f".card[data-task='{task_id}']")
         assert card.get_attribute("data-state") in FINAL_STATES
         assert card.get_attribute("data-state") == ("done" if result["status"] == "success"
@@ -151,6 +163,35 @@ def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
     assert page.eval_on_selector("#answer", "n => n.textContent") == done["content"]
     assert "Expert contributions" in done["content"]
     _shot(page, shots, "playground")
+
+
+def test_specialists_stream_in_their_cards_when_asked(base_url, page) -> None:
+    from playwright.sync_api import expect
+
+    url, _ = base_url
+    _ready(page, url)
+    expect(page.locator("#stream-experts-option")).to_be_visible()  # the server accepts it
+    page.fill("#prompt", "Review this Python code for a bug")
+    page.check("#stream_experts")
+    page.evaluate("""() => {
+      window.seen = {};
+      new MutationObserver((records) => records.forEach((r) => {
+        const card = r.target.parentElement?.closest?.('.card')
+                     || r.target.closest?.('.card');
+        if (card) (window.seen[card.dataset.expert] ??= []).push(
+          card.querySelector('.text').textContent.length);
+      })).observe(document.getElementById('cards'),
+                  {childList: true, characterData: true, subtree: true});
+    }""")
+    with page.expect_request("**/v1/orchestrate") as sent:
+        page.click("#send")
+    assert sent.value.post_data_json["stream_experts"] is True
+    expect(page.locator("#answer-panel")).to_have_attribute("data-state", "done")
+    seen = page.evaluate("window.seen")
+    for expert in ("code", "critic"):
+        final = len(page.locator(f".card[data-expert={expert}] .text").inner_text())
+        partial = {n for n in seen[expert] if 0 < n < final}
+        assert partial and final, (expert, seen[expert])  # text arrived before the result
 
 
 @pytest.mark.parametrize(("field", "value", "said"), [
@@ -241,8 +282,9 @@ def _burst(url: str, workers: int = 12) -> Iterator[list[int]]:
     def loop() -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
-                response = http.post(f"{url}/v1/orchestrate",
-                                     json={"prompt": "review this python code", "stream": False})
+                with http.stream("POST", f"{url}/v1/orchestrate",
+                                 json={"prompt": "review this python code"}) as response:
+                    response.read()  # streamed, as the playground asks: TTFT is measured
                 statuses.append(response.status_code)
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
@@ -276,17 +318,23 @@ def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
     with _burst(url) as statuses:
         shown = page.wait_for_function("""() => {
           const n = (node) => Number(node.textContent);
-          const cells = Object.fromEntries([...document.querySelectorAll('#experts tr.expert')]
-            .map((row) => [row.dataset.name, n(row.querySelector('td.inFlight'))]));
+          const cells = (kind) => Object.fromEntries(
+            [...document.querySelectorAll(`#experts tr.${kind}`)]
+              .map((row) => [row.dataset.name, n(row.querySelector('td.inFlight'))]));
           const total = n(document.querySelector('#tile-in-flight .value'));
-          return total > 0 && Object.values(cells).some((v) => v > 0)
-            && {refresh: Number(document.body.dataset.refreshes), total, cells};
+          const experts = cells('expert');
+          return total > 0 && Object.values(experts).some((v) => v > 0) && {
+            refresh: Number(document.body.dataset.refreshes), total, experts,
+            replicas: cells('replica')};
         }""", timeout=WAIT_MS).json_value()
         # What the page showed is exactly what that refresh's /v1/stats answer said.
         executor = answers[shown["refresh"] - 1]["executor"]
         assert shown["total"] == executor["active"]
-        assert shown["cells"] == {name: executor["in_flight_per_expert"].get(name, 0)
-                                  for name in ("general", "code", "math", "critic")}
+        assert shown["experts"] == {name: executor["in_flight_per_expert"].get(name, 0)
+                                    for name in ("general", "code", "math", "critic")}
+        assert shown["replicas"] == {label: replica["in_flight"]
+                                     for pool in executor["replicas"].values()
+                                     for label, replica in pool.items()}
         expect(page.locator("#tile-rate .value")).not_to_have_text("0")
         expect(page.locator("#tile-latency .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
         expect(page.locator("#tile-ttft .value")).to_have_text(re.compile(r"\d+ (ms|s)"))
@@ -298,7 +346,8 @@ def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
     assert statuses and set(statuses) == {200}
     expect(in_flight).to_have_text("0")
     expect(page.locator("#tile-queued .value")).to_have_text("0")
-    expect(page.locator("#experts td.inFlight")).to_have_text(["0"] * 4)
+    expect(page.locator("#experts tr.replica")).to_have_count(4)  # one replica per expert
+    expect(page.locator("#experts td.inFlight")).to_have_text(["0"] * 8)
 
 
 def test_ops_view_reads_a_stats_answer_with_fields_missing(base_url, page) -> None:
@@ -316,3 +365,18 @@ def test_ops_view_reads_a_stats_answer_with_fields_missing(base_url, page) -> No
     expect(row.nth(0)).to_have_text("general")
     expect(row.nth(1)).to_have_text("down: restarting")
 
+
+
+def test_page_routes_and_their_data_on_the_real_app(base_url) -> None:
+    url, _ = base_url
+    assert httpx.get(f"{url}/", timeout=30).headers["content-type"].startswith("text/html")
+    for path in ("/static/missing.js", "/static/..%2Fweb.py", "/nope"):
+        response = httpx.get(f"{url}{path}", timeout=30)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    options = httpx.get(f"{url}/v1/options", timeout=30).json()
+    models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    assert {e["name"] for e in options["experts"]} == models - {"chorus"}
+    assert options["auth"] is False and options["primary"] == "general"
+    requests = httpx.get(f"{url}/v1/stats", timeout=30).json()["requests"]
+    assert {"rate_per_s", "ttft_s", "latency_s", "outcomes", "series"} <= set(requests)
+    assert len(requests["series"]["ended"]) == requests["window_s"]

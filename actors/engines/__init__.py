@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.engines.base import Engine, GenerationRequest
+from actors.engines.base import Delta, Engine, GenerationRequest
 from orchestration.config import ExpertConfig
 
 
@@ -19,4 +19,4 @@ def make_engine(expert: ExpertConfig) -> Engine:
     raise ValueError(f"unknown backend {expert.backend!r}")
 
 
-__all__ = ["Engine", "GenerationRequest", "make_engine"]
+__all__ = ["Delta", "Engine", "GenerationRequest", "make_engine"]

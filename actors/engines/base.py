@@ -1,6 +1,10 @@
 """The engine protocol: the only thing an `ExpertActor` knows about mock or vLLM.
 
-An engine turns a `GenerationRequest` into a stream of text deltas. Cancellation is
+An engine turns a `GenerationRequest` into a stream of `Delta`s: text plus the number
+of tokens it stands for; the last one carries the finish reason, and the engine's
+prompt token count comes with the first. When the consumer is slower than the engine,
+an engine merges what piled up into one delta (vLLM's output collector does; the mock
+emits every token that came due while it was suspended). Cancellation is
 asyncio cancellation: when the actor task is cancelled (`ray.cancel` at a deadline, or
 the caller went away) the engine sees `CancelledError` inside `stream()` and must free
 whatever the request held (vLLM aborts the request) before re-raising.
@@ -10,9 +14,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(slots=True)
+class Delta:
+    """A piece of generated text and what it cost."""
+
+    text: str
+    tokens: int = 1
+    # Set on the last delta: `stop` (natural end or a stop sequence) or `length`.
+    finish_reason: str | None = None
+    # The prompt's length in the engine's tokens (on the first delta, when known).
+    prompt_tokens: int | None = None
 
 
 class GenerationRequest(BaseModel):
@@ -50,8 +67,8 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load weights / warm up. Called once in the actor before serving."""
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """Yield text deltas; raise `EngineError` (retryable) when the engine fails."""
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Yield deltas; raise `EngineError` (retryable) when the engine fails."""
 
     async def stats(self) -> dict[str, Any]:
         """Counters: requests, active, peak_active, cancelled, plus engine specifics."""

@@ -6,6 +6,11 @@ Faults follow the request counter, as in the seed's `mockWebLLMEngine`: every
 fault would), every `hang_every`-th never finishes until cancelled, and every
 `garbage_every`-th emits noise. The counter lives in the process, so it restarts from
 zero when Ray restarts a crashed actor.
+
+Tokens come due on a schedule (`ttft_s`, then one every `token_latency_s`); each
+delta carries every token that is due when the consumer asks, so a slow consumer gets
+fewer, bigger deltas, as from vLLM. State is bounded: counters plus the last
+`HISTORY` requests (`seen`, for tests of dispatch order).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.engines.base import GenerationRequest
+from actors.engines.base import Delta, GenerationRequest
 from orchestration.config import MockOptions
 from orchestration.errors import EngineError
 
-SEEN_LIMIT = 64
+HISTORY = 256
 _WORDS = ["the", "answer", "draws", "on", "careful", "reasoning", "about", "structure", "data", "systems", "models", "latency", "throughput", "memory", "experts", "routing", "cluster", "tokens", "streams", "results", "quality", "evidence", "context", "because", "therefore", "however", "first", "second", "finally"]
 
 
@@ -46,9 +51,9 @@ class MockEngine:
         self.cancelled = 0
         self.completed = 0
         self.failed = 0
-        # (request_id, priority) of the latest requests, in the order they reached the
-        # engine; bounded because `/v1/stats` (polled every second by /ops) returns it.
-        self.seen: deque[tuple[str, int]] = deque(maxlen=SEEN_LIMIT)
+        self.tokens_out = 0  # tokens produced (delivered in deltas), all requests
+        # (request_id, priority) of the last HISTORY requests, in arrival order.
+        self.seen: deque[tuple[str, int]] = deque(maxlen=HISTORY)
 
     async def start(self) -> None:
         return None
@@ -56,7 +61,7 @@ class MockEngine:
     def _due(self, every: int, n: int) -> bool:
         return every > 0 and n % every == 0
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         opts = self.options
         self.requests += 1
         n = self.requests
@@ -76,18 +81,8 @@ class MockEngine:
             if self._due(opts.slow_every, n):
                 await asyncio.sleep(opts.slow_s)
             await asyncio.sleep(opts.ttft_s)
-            seed = opts.seed if request.seed is None else request.seed
-            text = mock_text(self.name, request.prompt, seed, min(opts.tokens, request.max_tokens))
-            if self._due(opts.garbage_every, n):
-                rng = random.Random(n)
-                text = ["".join(chr(rng.randint(0x21, 0x2FF)) for _ in range(6)) for _ in text]
-            if opts.inject:
-                size = opts.inject_chunk or len(opts.inject)
-                text += [opts.inject[i : i + size] for i in range(0, len(opts.inject), size)]
-            for i, token in enumerate(text):
-                if i:
-                    await asyncio.sleep(opts.token_latency_s)
-                yield token
+            async for delta in self._deltas(request, n):
+                yield delta
             self.completed += 1
         except (asyncio.CancelledError, GeneratorExit):
             # The deadline or a caller that went away: count it so tests can verify
@@ -96,6 +91,42 @@ class MockEngine:
             raise
         finally:
             self.active -= 1
+
+    def _text(self, request: GenerationRequest, n: int) -> list[str]:
+        opts = self.options
+        seed = opts.seed if request.seed is None else request.seed
+        text = mock_text(self.name, request.prompt, seed, min(opts.tokens, request.max_tokens))
+        if self._due(opts.garbage_every, n):
+            rng = random.Random(n)
+            text = ["".join(chr(rng.randint(0x21, 0x2FF)) for _ in range(6)) for _ in text]
+        if opts.inject:
+            size = opts.inject_chunk or len(opts.inject)
+            text += [opts.inject[i : i + size] for i in range(0, len(opts.inject), size)]
+        return text
+
+    async def _deltas(self, request: GenerationRequest, n: int) -> AsyncIterator[Delta]:
+        """Token i is due at start + i x latency; each delta takes every token due now."""
+        tokens = self._text(request, n)
+        truncated = request.max_tokens < self.options.tokens
+        prompt_tokens = len(f"{request.system_prompt or ''} {request.prompt}".split())
+        latency = self.options.token_latency_s
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        i = 0
+        while i < len(tokens):
+            wait = start + i * latency - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            now = loop.time()
+            j = i + 1
+            while j < len(tokens) and start + j * latency <= now:
+                j += 1
+            last = j == len(tokens)
+            self.tokens_out += j - i
+            yield Delta("".join(tokens[i:j]), j - i,
+                        finish_reason=("length" if truncated else "stop") if last else None,
+                        prompt_tokens=prompt_tokens if i == 0 else None)
+            i = j
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -106,8 +137,12 @@ class MockEngine:
             "cancelled": self.cancelled,
             "completed": self.completed,
             "failed": self.failed,
-            "seen": list(self.seen),
+            "tokens_out": self.tokens_out,
         }
+
+    def history(self) -> list[tuple[str, int]]:
+        """(request_id, priority) of the last requests, in the order they arrived."""
+        return list(self.seen)
 
     async def shutdown(self) -> None:
         return None

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.engines.base import GenerationRequest
+from actors.engines.base import Delta, GenerationRequest
 from orchestration.errors import BadRequestError, EngineError
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ class VLLMEngine:
         )
         return {"prompt": text}
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """Yield text deltas; abort in vLLM on cancel; map vLLM failures to ours."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Yield deltas (text, tokens, finish reason); abort on cancel; map failures to ours."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
@@ -170,10 +170,20 @@ class VLLMEngine:
             **extra,
         )
         try:
+            prompt_tokens: int | None = None
             async for output in gen:
+                if prompt_tokens is None and output.prompt_token_ids is not None:
+                    prompt_tokens = len(output.prompt_token_ids)
+                    first_prompt = prompt_tokens
+                else:
+                    first_prompt = None
                 for completion in output.outputs:
-                    if completion.text:
-                        yield completion.text
+                    # DELTA outputs: `token_ids` are this delta's tokens; vLLM merged
+                    # several steps into one output if we were slower than the engine.
+                    if completion.text or completion.finish_reason:
+                        yield Delta(completion.text, len(completion.token_ids),
+                                    finish_reason=completion.finish_reason,
+                                    prompt_tokens=first_prompt)
         except (asyncio.CancelledError, GeneratorExit):
             # Deadline (`ray.cancel`) or the consumer went away: free the engine slot
             # now. vLLM's generate() aborts on CancelledError too, but not when only our

@@ -3,7 +3,8 @@
 Plain HTML, CSS and JavaScript shipped in this package (`static/`), no build step and
 nothing fetched from elsewhere. The pages call the same HTTP API as any client. Under a
 Serve route prefix the pages get a `<base href>` with the prefix, so every relative URL
-they use (`static/…`, `v1/…`) stays inside the application.
+they use (`static/…`, `v1/…`) stays inside the application. `serve_app.py` includes
+the `pages` router.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException
 
 from orchestration.config import ChorusConfig
@@ -24,10 +25,9 @@ from orchestration.models import (
     OrchestrateRequest,
     RequestPriority,
 )
-from orchestration.openai_compat import error_body
 
 STATIC = Path(__file__).resolve().parent / "static"
-_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+_TYPES = {".js": "text/javascript", ".css": "text/css"}
 pages = APIRouter()
 
 
@@ -55,21 +55,12 @@ async def operations(request: Request) -> HTMLResponse:
 @pages.get("/static/{name}", include_in_schema=False)
 async def static_file(name: str) -> FileResponse:
     # Only files that sit directly in static/ with a known type: no paths, no listing.
+    # A 404 here gets the documented error shape from the app's HTTPException handler.
     path = STATIC / name
     if path.parent != STATIC or path.suffix not in _TYPES or not path.is_file():
         raise HTTPException(404)
     return FileResponse(path, media_type=_TYPES[path.suffix],
                         headers={"Cache-Control": "no-cache"})
-
-
-async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's own 404/405 in the documented error shape, like every Chorus error."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = {404: f"not found: {request.url.path}",
-               405: f"{request.method} is not allowed on {request.url.path}",
-               }.get(exc.status_code, str(exc.detail))
-    return JSONResponse(error_body(exc.status_code, code, message),
-                        status_code=exc.status_code, headers=exc.headers)
 
 
 def page_options(config: ChorusConfig, auth: bool) -> dict[str, Any]:
@@ -96,8 +87,3 @@ def page_options(config: ChorusConfig, auth: bool) -> dict[str, Any]:
         "stream_experts": "stream_experts" in OrchestrateRequest.model_fields,
     }
 
-
-def add_pages(api: FastAPI) -> None:
-    """Serve the pages from `api`, and answer unknown routes in the documented shape."""
-    api.include_router(pages)
-    api.add_exception_handler(HTTPException, http_error)

@@ -4,42 +4,54 @@
 const WINDOW_S = 300;
 const samples = [];  // {t, inFlight, queued} per refresh, at most WINDOW_S seconds of them
 
-// The one place that reads /v1/stats. Every field is optional: a server with more or
-// fewer keys (replicas, supervision states) still renders, missing numbers show as "–".
+// The one place that reads /v1/stats. Every field is optional, so older and newer shapes
+// render: experts with or without `replicas` (label -> stats), the executor's per-replica
+// `replicas` (expert -> label -> {in_flight}), `supervision` states. Missing shows as "–".
 function readStats(raw) {
   const num = (v) => (typeof v === "number" && isFinite(v) ? v : null);
   const obj = (v) => (v && typeof v === "object" && !Array.isArray(v) ? v : {});
-  const total = (values) => values.reduce((sum, v) => sum + (num(v) ?? 0), 0);
+  const sum = (values) => (values.some((v) => num(v) !== null)
+    ? values.reduce((acc, v) => acc + (num(v) ?? 0), 0) : null);
   const list = (v) => (Array.isArray(v) ? v.map(obj)
     : Object.entries(obj(v)).map(([id, r]) => ({ id, ...obj(r) })));
   const quantiles = (v) => ({ p50: num(obj(v).p50), p90: num(obj(v).p90), p99: num(obj(v).p99) });
   const pick = (o, ...keys) => keys.map((k) => o[k]).find((v) => v !== undefined && v !== null);
-  const executor = obj(raw.executor);
+  const life = (o) => obj(o.supervision);
+  // Ray's own restarts plus Chorus's re-creations after Ray gave up.
+  const restartsOf = (o) => sum([pick(life(o), "ray_restarts") ?? o.ray_restarts,
+                                 life(o).recreated, o.restarts]);
+  const stateOf = (o) => String(pick(life(o), "status", "state") ?? pick(o, "state", "status")
+                                ?? (o.error ? "down" : "ok"));
+  const executor = obj(raw.executor), router = obj(raw.router);
   // Executor counters start absent and appear on their first increment.
   const counter = (key) => (executor.counters ? num(obj(executor.counters)[key]) ?? 0 : null);
   const requests = obj(raw.requests), series = obj(requests.series);
-  const perExpert = obj(executor.in_flight_per_expert), restarts = obj(executor.restarts_seen);
+  const perExpert = obj(executor.in_flight_per_expert), pools = obj(executor.replicas);
+  const seen = obj(executor.restarts_seen);  // older servers: restarts the executor noticed
 
-  function unit(name, e, fallbackInFlight) {
-    const error = e.error ?? null;
+  function unit(name, e, inFlight) {
     return {
-      name, error,
-      state: String(pick(e, "state", "status") ?? (error ? "down" : "ok")),
-      inFlight: num(pick(e, "in_flight", "outstanding")) ?? fallbackInFlight,
-      active: num(pick(e, "active", "running")),
-      requests: num(e.requests), completed: num(e.completed), failed: num(e.failed),
-      cancelled: num(e.cancelled), restarts: num(e.restarts), node: e.node_id ?? null,
+      name, error: e.error ?? null, state: stateOf(e), inFlight,
+      active: num(pick(e, "active", "running")), requests: num(e.requests),
+      completed: num(e.completed), failed: num(e.failed), cancelled: num(e.cancelled),
+      restarts: restartsOf(e), node: e.node_id ?? null,
     };
   }
+  const COUNTS = ["active", "requests", "completed", "failed", "cancelled", "restarts"];
   const experts = Object.entries(obj(raw.experts)).map(([name, value]) => {
-    const e = obj(value);
-    const replicas = list(e.replicas).map((r, i) =>
-      unit(String(pick(r, "id", "replica", "name", "actor") ?? i + 1), r, null));
-    const expert = unit(name, e, num(perExpert[name]) ?? total(replicas.map((r) => r.inFlight)));
-    expert.active ??= replicas.length ? total(replicas.map((r) => r.active)) : null;
-    expert.restarts ??= num(restarts[name]) ?? 0;
+    const e = obj(value), pool = obj(pools[name]);
+    const replicas = list(e.replicas).map((r, i) => {
+      const id = String(pick(r, "id", "replica", "name") ?? i + 1);
+      return unit(id, r, num(obj(pool[id]).in_flight) ?? num(r.in_flight));
+    });
+    const expert = unit(name, e, num(perExpert[name]) ?? sum(replicas.map((r) => r.inFlight)) ?? 0);
+    // With replicas, an expert's counts are its replicas' (its own fields mirror one).
+    if (replicas.length) COUNTS.forEach((key) => { expert[key] = sum(replicas.map((r) => r[key])); });
+    expert.restarts ??= num(seen[name]);
     return { ...expert, replicas };
   });
+  const control = [["executor", executor], ["router", router]].filter(([, o]) => o.supervision)
+    .map(([role, o]) => ({ role, state: stateOf(o), restarts: restartsOf(o) }));
   const ended = Array.isArray(series.ended) ? series.ended.map((v) => num(v) ?? 0) : [];
   return {
     inFlight: num(executor.active), maxInFlight: num(executor.max_in_flight),
@@ -48,7 +60,8 @@ function readStats(raw) {
     recentS: num(requests.recent_s),
     retries: counter("retried"), timeouts: counter("timed_out"), failures: counter("failed"),
     refusals: counter("refused"), cancelled: counter("cancelled"),
-    restarts: executor.restarts_seen ? total(Object.values(restarts)) : null,
+    restarts: sum([...experts.map((e) => e.restarts), ...control.map((c) => c.restarts)]),
+    control,
     series: { end: num(series.end), ended,
               failed: Array.isArray(series.failed) ? series.failed.map((v) => num(v) ?? 0) : [] },
     node: obj(raw.ingress).node_id ?? null,
@@ -68,9 +81,12 @@ const TILES = [
   ["retries", "Retries", (s) => count(s.retries), () => "task attempts repeated"],
   ["timeouts", "Timeouts", (s) => count(s.timeouts), () => "tasks that ended timed out"],
   ["failures", "Failed tasks", (s) => count(s.failures), () => "after every retry"],
-  ["restarts", "Restarts", (s) => count(s.restarts), () => "experts back after a crash"],
+  ["restarts", "Restarts", (s) => count(s.restarts), () => "by Ray, or re-created by Chorus"],
   ["refusals", "Refusals", (s) => count(s.refusals), () => "429: queue full"],
   ["cancelled", "Cancelled", (s) => count(s.cancelled), () => "tasks of callers gone"],
+  ["control", "Control plane",
+   (s) => (s.control.length ? s.control.find((c) => c.state !== "ready")?.state || "ready" : "–"),
+   (s) => s.control.map((c) => `${c.role} ${c.state}`).join(" · ")],
 ];
 
 function renderTiles(stats) {

@@ -1,0 +1,137 @@
+"""One request end to end, from the caller's process: plan, records, text, events.
+
+The caller (the Serve ingress, or a driver using `Client.local`) asks the router
+for a plan, hands it to the executor, and reads streamed text straight from the
+expert replica that serves each attempt (`ExpertActor.read`). `Assembly` (no Ray)
+turns both into the caller's events; this module only moves objects:
+
+    router.plan(request)               1 call
+    executor.stream(plan)              1 call, then a few record batches per plan
+    replica.read(key)                  1 call per streamed attempt, coalesced text batches
+
+Errors before the executor admitted the plan (bad input, full queue, an actor down)
+are raised, so a server can still answer 4xx/429/503; after it, the driver ends the
+stream with an `error` event (see `Team.stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from actors.boundary import translate
+from orchestration.assembly import Assembly, ReadOrder
+from orchestration.config import StreamConfig
+from orchestration.models import ExecutionPlan
+from orchestration.wire import Closed, Finished
+
+
+class LivePlan:
+    """Events of one admitted plan whose text the caller reads as it is generated."""
+
+    def __init__(self, plan: ExecutionPlan, executor: ActorHandle, gen: Any,
+                 replica: Callable[[str], ActorHandle], stream: StreamConfig) -> None:
+        self.plan = plan
+        self.executor = executor
+        self.gen = gen  # the executor's ObjectRefGenerator of record batches
+        self.replica = replica
+        self.config = stream
+        self.assembly = Assembly(plan)
+        self.finished = False
+
+    @classmethod
+    async def open(cls, plan: ExecutionPlan, executor: ActorHandle,
+                   replica: Callable[[str], ActorHandle], stream: StreamConfig) -> LivePlan:
+        """Submit the plan and wait for admission (raises QueueFullError and the like)."""
+        gen = executor.stream.options(
+            num_returns="streaming",
+            _generator_backpressure_num_objects=stream.backpressure_objects,
+        ).remote(plan)
+        try:
+            await (await gen.__anext__())  # [Admitted] or the admission error
+        except BaseException as exc:
+            ray.cancel(gen)
+            if isinstance(exc, Exception):
+                raise translate(exc, actor="executor") from None
+            raise
+        return cls(plan, executor, gen, replica, stream)
+
+    async def events(self) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        readers: dict[str, asyncio.Task[None]] = {}
+        pump = asyncio.ensure_future(self._records(queue))
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "text":
+                    for event in self.assembly.on_text(*item):
+                        yield event
+                    continue
+                if kind == "error":
+                    raise item
+                step = self.assembly.on_records(item)
+                for key in step.stop:
+                    if (reader := readers.pop(key, None)) is not None:
+                        reader.cancel()
+                for order in step.read:
+                    readers[order.key] = asyncio.ensure_future(self._read(order, queue))
+                for event in step.events:
+                    yield event
+                if step.done:
+                    self.finished = True
+                    return
+        finally:
+            pump.cancel()
+            for reader in readers.values():
+                reader.cancel()
+            if not self.finished:
+                # The caller went away (or failed): nothing of this request may keep
+                # running. Cancelling the stream cancels every task of the plan.
+                ray.cancel(self.gen)
+                self.executor.cancel.remote(self.plan.request_id)
+
+    async def _records(self, queue: asyncio.Queue[tuple[str, Any]]) -> None:
+        try:
+            async for ref in self.gen:
+                queue.put_nowait(("records", await ref))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the executor died mid-plan: the driver ends the stream
+            queue.put_nowait(("error", translate(exc, actor="executor")))
+
+    async def _read(self, order: ReadOrder, queue: asyncio.Queue[tuple[str, Any]]) -> None:
+        gen = self.replica(order.replica).read.options(
+            num_returns="streaming",
+            _generator_backpressure_num_objects=self.config.backpressure_objects,
+        ).remote(order.key, order.offset, self.config.max_hold_s)
+        ended = False
+        try:
+            async for ref in gen:
+                text, _tokens = await ref
+                queue.put_nowait(("text", (order.task_id, order.key, text)))
+            ended = True
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: S110 - a reader that fails (replica died) loses nothing:
+            pass  # the executor retries the attempt, and the final result fills any gap
+        finally:
+            if not ended:
+                ray.cancel(gen)  # stop the replica-side reader we no longer listen to
+
+
+async def settled_plan(plan: ExecutionPlan, executor: ActorHandle) -> list[Any]:
+    """Events of a plan run to the end before anything is returned (no live text)."""
+    ref = executor.run.remote(plan)
+    try:
+        results = await ref
+    except asyncio.CancelledError:
+        ray.cancel(ref)  # the caller went away: the executor cancels every task
+        raise
+    except Exception as exc:  # admission refused or the executor died: raised to the caller
+        raise translate(exc, actor="executor") from None
+    assembly = Assembly(plan, live=False)
+    return assembly.on_records([*(Finished(result) for result in results), Closed()]).events

@@ -1,0 +1,77 @@
+"""Records that travel between Chorus's own actors: small, plain, never validated again.
+
+Pydantic stays at the edges (caller input, events that leave the service); between
+the expert, the executor and the caller's team code these slotted dataclasses are
+pickled as they are. How they flow (see docs/token-path.md):
+
+    expert.run(task)  -> Completion             (one per attempt, to the executor)
+    expert.read(key)  -> (text, tokens) batches  (the answer's text, straight to the caller)
+    executor.stream() -> lists of Admitted | Dispatched | Retrying | Finished | Closed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestration.models import TaskResult
+
+
+@dataclass(slots=True)
+class Completion:
+    """What one attempt produced: the whole text plus the engine's own accounting."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    # Seconds from the engine call to its first delta (the expert's view of TTFT).
+    ttft_s: float | None = None
+    replica: str = ""
+    # Per-choice extras the engine reports when asked (e.g. logprobs, tool calls).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Admitted:
+    """First record of every executor stream: the plan is queued (no 429)."""
+
+    active: int
+    queued: int
+
+
+@dataclass(slots=True, frozen=True)
+class Dispatched:
+    """An attempt of a task was sent to a replica; its text (if streamed) is at `key`."""
+
+    task_id: str
+    attempt: int
+    expert: str
+    replica: str
+    key: str
+
+
+@dataclass(slots=True, frozen=True)
+class Retrying:
+    """An attempt failed with a transient error; the next starts after `wait_s`."""
+
+    task_id: str
+    attempt: int
+    expert: str
+    wait_s: float
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """A task's single terminal result."""
+
+    result: TaskResult
+
+
+@dataclass(slots=True, frozen=True)
+class Closed:
+    """Last record: every task of the plan has finished."""
+
+
+Record = Admitted | Dispatched | Retrying | Finished | Closed

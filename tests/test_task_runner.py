@@ -1,0 +1,148 @@
+"""The task runner without Ray: a fake dispatcher plays the experts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from orchestration.config import RetryConfig
+from orchestration.errors import (
+    BadRequestError,
+    EngineError,
+    ExpertUnavailableError,
+    TaskCancelledError,
+)
+from orchestration.models import ExpertTask, TaskStatus
+from orchestration.task_runner import TaskRun, TaskRunner
+from orchestration.wire import Completion, Dispatched, Retrying
+
+FAST = RetryConfig(attempts=3, initial_wait_s=0.001, multiplier=2.0, jitter=0)
+
+
+@dataclass
+class FakeLease:
+    expert: str
+    replica: str
+
+
+@dataclass
+class FakeExperts:
+    """Each expert answers by a script: an exception to raise, "hang", or text."""
+
+    scripts: dict[str, list[object]]
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (expert, key)
+    cancelled: list[str] = field(default_factory=list)
+    slots_held: int = 0
+
+    @asynccontextmanager
+    async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[FakeLease]:
+        self.slots_held += 1
+        try:
+            yield FakeLease(expert, f"{expert}#0")
+        finally:
+            self.slots_held -= 1
+
+    async def invoke(self, lease: FakeLease, task: ExpertTask, key: str) -> Completion:
+        self.calls.append((lease.expert, key))
+        step = self.scripts[lease.expert].pop(0)
+        try:
+            if step == "hang":
+                await asyncio.Event().wait()
+            if isinstance(step, Exception):
+                raise step
+        except asyncio.CancelledError:
+            self.cancelled.append(key)  # where Ray would `ray.cancel` the ref
+            raise
+        return Completion(text=str(step), completion_tokens=3, prompt_tokens=2,
+                          finish_reason="stop", replica=lease.replica)
+
+
+def _runner(experts: FakeExperts, fallbacks: dict[str, str | None] | None = None,
+            records: list | None = None) -> TaskRunner:
+    notify: Callable = (lambda task, record: records.append(record)) if records is not None \
+        else (lambda task, record: None)
+    return TaskRunner(experts, FAST, fallbacks or {}, notify)
+
+
+def _task(timeout_s: float = 5.0) -> ExpertTask:
+    return ExpertTask(id="t", expert="a", prompt="p", role="primary", timeout_s=timeout_s)
+
+
+async def test_success_on_the_first_attempt() -> None:
+    experts, records = FakeExperts({"a": ["hello"]}), []
+    result = await _runner(experts, records=records).run(TaskRun(_task()))
+    assert result.status is TaskStatus.SUCCESS and result.result == "hello"
+    assert (result.attempts, result.served_by, result.replicas) == (1, ["a"], ["a#0"])
+    assert (result.tokens, result.prompt_tokens, result.finish_reason) == (3, 2, "stop")
+    assert records == [Dispatched("t", 1, "a", "a#0", "t:1")]
+    assert experts.slots_held == 0
+
+
+async def test_transient_error_then_success_is_retried_with_backoff() -> None:
+    experts, records = FakeExperts({"a": [EngineError("a: CUDA"), "ok"]}), []
+    runner = _runner(experts, records=records)
+    result = await runner.run(TaskRun(_task()))
+    assert result.ok and result.attempts == 2 and result.retry_waits == [0.001]
+    assert [type(r).__name__ for r in records] == ["Dispatched", "Retrying", "Dispatched"]
+    assert records[1] == Retrying("t", 1, "a", 0.001, "a: CUDA")
+    assert [key for _, key in experts.calls] == ["t:1", "t:2"]
+    assert runner.counters == {"dispatched": 2, "retried": 1, "succeeded": 1}
+
+
+async def test_deadline_cancels_the_call_and_counts_as_a_timeout() -> None:
+    experts = FakeExperts({"a": ["hang", "hang", "hang"]})
+    result = await _runner(experts).run(TaskRun(_task(timeout_s=0.05)))
+    assert result.status is TaskStatus.TIMEOUT and result.attempts == 3
+    assert experts.cancelled == ["t:1", "t:2", "t:3"]  # every deadline reached the call
+    assert "within 0.05s" in result.error and result.error_code == "timeout"
+
+
+async def test_bad_input_is_neither_retried_nor_sent_to_the_fallback() -> None:
+    experts = FakeExperts({"a": [BadRequestError("prompt: too long", field="prompt")], "b": []})
+    result = await _runner(experts, {"a": "b"}).run(TaskRun(_task()))
+    assert result.status is TaskStatus.ERROR and result.attempts == 1
+    assert result.error_code == "invalid_request" and experts.calls == [("a", "t:1")]
+
+
+async def test_exhausted_retries_go_to_the_fallback_which_restarts() -> None:
+    down = ExpertUnavailableError("a: expert process died or is restarting")
+    experts, records = FakeExperts({"a": [down, down, down], "b": ["from b"]}), []
+    result = await _runner(experts, {"a": "b"}, records).run(TaskRun(_task()))
+    assert result.ok and result.result == "from b"
+    assert result.served_by == ["a", "a", "a", "b"] and result.attempts == 4
+    assert records[-1] == Dispatched("t", 4, "b", "b#0", "t:4")
+
+
+async def test_cancelling_the_request_ends_the_task_without_any_new_dispatch() -> None:
+    experts = FakeExperts({"a": ["hang", "never"], "b": ["never"]})
+    runner = _runner(experts, {"a": "b"})
+    job = asyncio.ensure_future(runner.run(TaskRun(_task())))
+    while not experts.calls:
+        await asyncio.sleep(0)  # until the first attempt is in flight (no clock involved)
+    job.cancel()
+    result = await job
+    assert result.status is TaskStatus.CANCELLED and result.attempts == 1
+    assert experts.calls == [("a", "t:1")] and experts.cancelled == ["t:1"]
+    assert runner.counters["retried"] == 0 and runner.counters["cancelled"] == 1
+
+
+async def test_a_call_cancelled_by_ray_is_a_cancellation_not_a_failure() -> None:
+    # Ray cancels the expert calls of a cancelled request (recursive ray.cancel); the
+    # boundary turns its TaskCancelledError into ours: never retried, no fallback.
+    experts = FakeExperts({"a": [TaskCancelledError("a: call cancelled")], "b": ["x"]})
+    runner = _runner(experts, {"a": "b"})
+    result = await runner.run(TaskRun(_task()))
+    assert result.status is TaskStatus.CANCELLED and experts.calls == [("a", "t:1")]
+    assert runner.counters == {"dispatched": 1, "cancelled": 1}
+
+
+@pytest.mark.parametrize("error", [EngineError("a: boom"), ExpertUnavailableError("a: gone")])
+async def test_transient_errors_exhaust_to_an_error_result_with_the_last_reason(error) -> None:
+    experts = FakeExperts({"a": [error, error, error]})
+    result = await _runner(experts).run(TaskRun(_task()))
+    assert result.status is TaskStatus.ERROR and result.attempts == 3
+    assert result.error == error.message and result.error_code == error.code
