@@ -159,6 +159,7 @@ def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
                                                     else result["status"])
         assert card.locator(".text").inner_text() == (result["result"] or "")
         expect(card.locator(".meta")).to_contain_text(f"{result['attempts']} attempt")
+        expect(card.locator(".meta")).to_contain_text(f"served by {' → '.join(result['replicas'])}")
 
     assert page.eval_on_selector("#answer", "n => n.textContent") == done["content"]
     assert "Expert contributions" in done["content"]
@@ -261,7 +262,7 @@ def test_chaos_failed_card_shows_reason_and_attempts_behind_the_api_key(
     expect(card.locator(".state")).to_have_text("failed")
     expect(card.locator(".reason")).to_contain_text("Simulated GPU error: CUDA kernel overload")
     expect(card.locator(".meta")).to_contain_text("3 attempts")
-    expect(card.locator(".meta")).to_contain_text("served by critic → critic → critic")
+    expect(card.locator(".meta")).to_contain_text("served by critic#0 → critic#0 → critic#0")
     expect(page.locator("#answer-panel .meta")).to_contain_text("left out: critic (failed)")
     _shot(page, shots, "playground-chaos")
 

@@ -15,9 +15,10 @@ function attemptsText(result) {
   const parts = [`${result.attempts} attempt${result.attempts === 1 ? "" : "s"}`,
                  Chorus.seconds(result.latency_s)];
   if (result.ttft_s != null) parts.push(`first token ${Chorus.seconds(result.ttft_s)}`);
-  if (result.served_by && result.served_by.length) {
-    parts.push(`served by ${result.served_by.join(" → ")}`);
-  }
+  if (result.tokens) parts.push(`${result.tokens} tokens`);
+  // Each attempt's replica (e.g. general#0) where the server says, else its expert.
+  const who = result.replicas?.length ? result.replicas : result.served_by || [];
+  if (who.length) parts.push(`served by ${who.join(" → ")}`);
   if (result.retry_waits && result.retry_waits.length) {
     parts.push(`retried after ${result.retry_waits.map(Chorus.seconds).join(", ")}`);
   }
