@@ -26,7 +26,7 @@ install-test: $(BIN)/python
 	$(BIN)/chorus prepare-model
 
 run: install
-	$(BIN)/serve run serve_app:app
+	$(BIN)/chorus serve
 
 test: install-test
 	$(BIN)/python -m pytest

@@ -259,7 +259,7 @@ class ChorusIngress:
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._admit(request)
-        return {**await self.team.stats(), "ingress": {"node_id": _node_id()},
+        return {**await self.team.stats(), "ingress": {"node_id": _node_id(), "pid": os.getpid()},
                 "requests": self.telemetry.snapshot()}
 
     @api.get("/v1/options")
@@ -269,10 +269,11 @@ class ChorusIngress:
 
     # ------------------------------------------------------------------ Python handle API
 
-    async def stream_events(self, data: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream_events(self, data: dict[str, Any],
+                            live: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Same events as the SSE route, as dicts, for `Client.connect` (a handle call)."""
         req = OrchestrateRequest.parse({**data, "id": new_id("req")})
-        first, events = await self._start(req, live=True)
+        first, events = await self._start(req, live=live)
         async for event in self._timed(first, events, "handle"):
             yield event.model_dump(mode="json")
 

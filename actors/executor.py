@@ -156,6 +156,7 @@ class ExecutorActor:
         load = self.load()
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
             "active": load.active,
             "queued": load.queued,
             "outstanding_refs": len(self.dispatcher.outstanding),

@@ -1,25 +1,21 @@
-"""Placement: can the cluster Ray sees hold an expert, and if not, what is missing?"""
+"""Placement on the cluster Ray sees: which resource is missing for an expert."""
 
 from __future__ import annotations
 
 import ray
 
+from orchestration.capacity import wanted_resources
 from orchestration.config import ExpertConfig
 
 
-def wanted_resources(expert: ExpertConfig) -> dict[str, float]:
-    """What one replica of `expert` reserves, in Ray's resource names."""
-    options = expert.actor_options()
-    wanted = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 0),
-              **expert.resources.resources}
-    if expert.resources.accelerator_type:
-        wanted[f"accelerator_type:{expert.resources.accelerator_type}"] = 0.001
-    return {key: need for key, need in wanted.items() if need}
+def live_nodes() -> list[dict[str, float]]:
+    """Total resources of each live node of the connected Ray cluster."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def missing_resources(expert: ExpertConfig) -> str:
     """Say which resource the cluster lacks for this expert, node by node."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_nodes()
     total, free = ray.cluster_resources(), ray.available_resources()
     parts = []
     for key, need in wanted_resources(expert).items():

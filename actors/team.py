@@ -24,6 +24,7 @@ from orchestration.config import ChorusConfig, ExpertConfig
 from orchestration.errors import ChorusError, NoHealthyExpertError, PlacementError
 from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest, PlanEvent
 from orchestration.pipeline import finish_stream
+from orchestration.routing import needs_router, plan_request
 
 
 def replica_label(expert: str, index: int) -> str:
@@ -159,7 +160,10 @@ class Team:
         """
         assert self.router is not None and self.executor is not None
         try:
-            plan = await self.router.plan.remote(request)
+            if needs_router(request):
+                plan = await self.router.plan.remote(request)
+            else:
+                plan = plan_request(request, self.config)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
         if live:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 import httpx
+
+from orchestration.capacity import placement_problems
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATUS_COLOURS = {"success": "32", "error": "31", "timeout": "33", "cancelled": "2"}
@@ -266,7 +270,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     gpus = sum(e.resources.num_gpus for e in config.experts)
     print(f"ok: {len(config.experts)} experts ({', '.join(config.expert_names)}), "
           f"{gpus:g} GPUs in all, primary {config.router.primary}, fusion {config.fusion.strategy}")
+    where, nodes = _visible_nodes(args.address)
+    for problem in placement_problems(config, nodes):
+        print(f"warning: {where} could not hold the team: {problem}", file=sys.stderr)
     return 0
+
+
+def _visible_nodes(address: str | None) -> tuple[str, list[dict[str, float]]]:
+    """The nodes of the Ray cluster at `address`, else this machine as one node."""
+    if address:
+        import ray
+
+        from actors.placement import live_nodes
+
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return f"the cluster at {address}", live_nodes()
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        gpus = sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+    cpus = os.cpu_count() or 1
+    return (f"this machine ({cpus} CPUs, {gpus} GPUs)", [{"CPU": float(cpus), "GPU": float(gpus)}])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from actors.launch import serve_and_wait
+
+    return serve_and_wait(args.config, name=args.name, host=args.host, port=args.port,
+                          address=args.address, check_placement=not args.skip_placement_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list model ids").set_defaults(func=cmd_models)
     check = sub.add_parser("check-config", help="validate a config file (no server needed)")
     check.add_argument("path", nargs="?", help="default: $CHORUS_CONFIG or config/mock.yaml")
+    check.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="also check placement on this Ray cluster (default: this machine)")
     check.set_defaults(func=cmd_check_config)
+    serve = sub.add_parser("serve", help="deploy the team, wait until it runs (non-zero if not)")
+    serve.add_argument("config", nargs="?", help="default: $CHORUS_CONFIG or config/mock.yaml")
+    serve.add_argument("--name", default="default", help="Serve application name")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                       help="Ray cluster to deploy on (default: start or join a local one)")
+    serve.add_argument("--skip-placement-check", action="store_true",
+                       help="deploy even if the nodes up now cannot hold the team (autoscaling)")
+    serve.set_defaults(func=cmd_serve)
     sub.add_parser("prepare-model", add_help=False,
                    help="convert the bundled tiny model (args go to orchestration.modelprep)")
     return parser

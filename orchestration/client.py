@@ -40,7 +40,7 @@ class OrchestrationError(ChorusError):
 
 
 class _Backend(Protocol):
-    def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]: ...
+    def stream(self, request: OrchestrateRequest, live: bool = True) -> AsyncIterator[Any]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
@@ -62,8 +62,8 @@ class _LocalBackend:
             ray.init(namespace=self.config.server.namespace, include_dashboard=False)
         self.team = await Team.start(self.config, self.name)
 
-    def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
-        return self.team.stream(request)
+    def stream(self, request: OrchestrateRequest, live: bool = True) -> AsyncIterator[Any]:
+        return self.team.stream(request, live=live)
 
     async def stats(self) -> dict[str, Any]:
         return await self.team.stats()
@@ -93,11 +93,11 @@ class _ServeBackend:
             self.app_name = apps[0] if len(apps) == 1 else "chorus"
         self.handle = serve.get_app_handle(self.app_name)
 
-    async def stream(self, request: OrchestrateRequest) -> AsyncIterator[Any]:
+    async def stream(self, request: OrchestrateRequest, live: bool = True) -> AsyncIterator[Any]:
         from actors.boundary import translate
 
         response = self.handle.options(stream=True).stream_events.remote(
-            request.model_dump(mode="json"))
+            request.model_dump(mode="json", exclude={"id"}), live)
         try:
             async for data in response:
                 yield _EVENT.validate_python(data)
@@ -155,15 +155,20 @@ class Client:
 
     async def stream(self, prompt: str, **options: Any) -> AsyncIterator[Any]:
         """Events: plan, primary deltas, expert results, fusion, then done or error."""
+        async for event in self._events(prompt, True, options):
+            yield event
+
+    async def _events(self, prompt: str, live: bool, options: dict[str, Any]) -> AsyncIterator[Any]:
         await self.open()
         request = OrchestrateRequest.parse({"prompt": prompt, **options})
-        async for event in self._backend.stream(request):
+        async for event in self._backend.stream(request, live):
             yield event
 
     async def run(self, prompt: str, **options: Any) -> OrchestrationResult:
         """The whole answer; raises `OrchestrationError` if the request ended in error."""
         plan = None
-        async for event in self.stream(prompt, **options):
+        # No live text: the answer comes whole, so the stack skips the streaming path.
+        async for event in self._events(prompt, False, options):
             if isinstance(event, PlanEvent):
                 plan = event.plan
             elif isinstance(event, ErrorEvent):

@@ -6,11 +6,12 @@ sequence: plan, primary deltas, expert results, fusion, then exactly one done or
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from orchestration.config import ChorusConfig
+from orchestration.config import ChorusConfig, GuardConfig
 from orchestration.fusion import (
     FusionOutcome,
     build_synthesis_task,
@@ -53,6 +54,12 @@ def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _guard(config_json: str) -> ResponseGuard:
+    """One guard per guard config: its patterns are parsed once, not per request."""
+    return ResponseGuard(GuardConfig.model_validate_json(config_json))
+
+
 class _Finisher:
     """Per-request state: the guard's stream windows and the timings."""
 
@@ -61,7 +68,7 @@ class _Finisher:
         self.request_id = first.request_id
         self.config = config
         self.synthesize = synthesize
-        self.guard = ResponseGuard(config.guard)
+        self.guard = _guard(config.guard.model_dump_json())
         self.started = time.monotonic()
         self.first_delta_at: float | None = None
 

@@ -55,6 +55,16 @@ def _check_names(config: ChorusConfig, names: list[str], field: str) -> None:
             )
 
 
+def needs_router(request: OrchestrateRequest) -> bool:
+    """False when the request itself decides the plan: its primary and its experts are
+    named, and with experts, its strategy. Such a plan (e.g. an OpenAI call to one
+    expert's model) comes out of this same policy in the caller, without a call to the
+    router: nothing in it depends on the router's model or the executor's load."""
+    if request.primary is None or request.experts is None:
+        return True
+    return bool(request.experts) and request.strategy is None
+
+
 def plan_request(
     request: OrchestrateRequest, config: ChorusConfig, load: ExecutorLoad | None = None
 ) -> ExecutionPlan:

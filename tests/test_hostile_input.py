@@ -1,0 +1,164 @@
+"""No 5xx and no hang from any input, against the served app (issue 8).
+
+A table of every class of hostile input with the status and field it must name, and
+a hypothesis fuzz of a few hundred generated bodies per POST route.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import config_dict
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+FAST = {"ttft_s": 0.0, "token_latency_s": 0.0, "tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory) -> str:
+    from ray import serve
+
+    from serve_app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = config_dict("mock")
+    for expert in data["experts"]:
+        expert["mock"].update(FAST)
+    data["executor"]["max_queue"] = 4096
+    path = tmp_path_factory.mktemp("hostile") / "hostile.yaml"
+    path.write_text(yaml.safe_dump(data))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(path)}), name="hostile", route_prefix="/hostile")
+    yield f"http://127.0.0.1:{port}/hostile"
+    serve.shutdown()
+
+
+CHAT = "/v1/chat/completions"
+ORCH = "/v1/orchestrate"
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    ("nested 3000 levels (6 KB)", "POST", ORCH, b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+     {}, 400, "<body>", "invalid_json"),
+    ("nested past the depth limit", "POST", ORCH, json.dumps(
+        {"prompt": "x", "experts": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}),
+     {}, 400, "<body>", "invalid_json"),
+    ("body over the size limit", "POST", ORCH, b'{"prompt": "' + b"x" * (3 * 1024 * 1024) + b'"}',
+     {}, 413, "<body>", "body_too_large"),
+    ("seed with 4300 digits", "POST", ORCH, b'{"prompt": "x", "seed": ' + b"9" * 4300 + b"}",
+     {}, 422, "seed", "invalid_request"),
+    ("seed past 64 bits", "POST", ORCH, b'{"prompt": "x", "seed": 18446744073709551616}',
+     {}, 422, "seed", "invalid_request"),
+    ("timeout_s 1e309", "POST", ORCH, b'{"prompt": "x", "timeout_s": 1e309}',
+     {}, 422, "timeout_s", "invalid_request"),
+    ("temperature NaN", "POST", ORCH, b'{"prompt": "x", "temperature": NaN}',
+     {}, 422, "temperature", "invalid_request"),
+    ("max_tokens -Infinity", "POST", CHAT,
+     b'{"model": "chorus", "messages": [], "max_tokens": -Infinity}',
+     {}, 422, "max_tokens", "invalid_request"),
+    ("lone surrogate in the prompt", "POST", ORCH, b'{"prompt": "hi \\ud800 there"}',
+     {}, 422, "prompt", "invalid_request"),
+    ("lone surrogate in a message", "POST", CHAT,
+     b'{"model": "chorus", "messages": [{"role": "user", "content": "\\udfff"}]}',
+     {}, 422, "messages[0].content", "invalid_request"),
+    ("lone surrogate in a key", "POST", ORCH, b'{"prompt": "x", "\\ud800": 1}',
+     {}, 422, "<body>", "invalid_request"),
+    ("stream 'yes' on the chat route", "POST", CHAT,
+     json.dumps({"model": "chorus", "messages": MSG, "stream": "yes"}).encode(),
+     {}, 422, "stream", "invalid_request"),
+    ("stream_experts 1", "POST", ORCH, b'{"prompt": "x", "stream_experts": 1}',
+     {}, 422, "stream_experts", "invalid_request"),
+    ("not UTF-8", "POST", ORCH, b'{"prompt": "\xff\xfe"}', {}, 400, "<body>", "invalid_json"),
+    ("X-Request-ID of 60 KB", "POST", ORCH, b'{"prompt": "x"}', {"X-Request-ID": "r" * 60_000},
+     400, "x-request-id", "invalid_header"),
+    ("unknown route", "GET", "/v1/nothing-here", b"", {}, 404, "<path>", "not_found"),
+    ("unknown POST route", "POST", "/v1/completions/x", b"{}", {}, 404, "<path>", "not_found"),
+    ("wrong method", "GET", ORCH, b"", {}, 405, "<method>", "method_not_allowed"),
+    ("wrong method on chat", "PUT", CHAT, b"{}", {}, 405, "<method>", "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(("case", "method", "path", "body", "headers", "status", "field", "code"),
+                         CASES, ids=[c[0] for c in CASES])
+def test_each_class_of_hostile_input_gets_its_4xx(url: str, case: str, method: str, path: str,
+                                                  body: bytes, headers: dict[str, str],
+                                                  status: int, field: str, code: str) -> None:
+    response = httpx.request(method, f"{url}{path}", content=body or None, timeout=30,
+                             headers={"Content-Type": "application/json", **headers})
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (field, code), error
+    assert error["message"] and error["type"]
+    if field.startswith("<"):
+        return
+    assert error["message"].startswith(f"{field}:")
+
+
+# --------------------------------------------------------------------------- fuzz
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20) | st.sampled_from(["\ud800", "a\udfffb", "\x00", "𝕏" * 5]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                       children, max_size=4),
+    max_leaves=12)
+ORCH_FIELDS = ["prompt", "stream", "priority", "experts", "primary", "strategy", "timeout_s",
+               "max_tokens", "temperature", "seed", "stream_experts"]
+CHAT_FIELDS = ["model", "messages", "stream", "stream_options", "max_tokens",
+               "max_completion_tokens", "temperature", "seed"]
+GOOD = {"prompt": st.just("review python code"), "stream": st.booleans(),
+        "priority": st.sampled_from(["high", "normal", "low"]),
+        "experts": st.lists(st.sampled_from(["code", "math", "critic"]), max_size=2),
+        "primary": st.sampled_from(["general", "code"]), "max_tokens": st.integers(1, 8),
+        "model": st.sampled_from(["chorus", "code"]), "messages": st.just(MSG),
+        "temperature": st.floats(0, 2), "seed": st.integers(0, 100)}
+
+
+def _bodies(fields: list[str]) -> st.SearchStrategy[Any]:
+    """Mostly well-shaped bodies with hostile values; sometimes anything at all."""
+    value = {f: (GOOD[f] | JSON) if f in GOOD else JSON for f in fields}
+    shaped = st.fixed_dictionaries({}, optional={**value, "surplus": JSON})
+    return st.one_of(shaped, shaped, shaped, JSON)
+
+
+def _send(url: str, path: str, body: Any) -> httpx.Response:
+    raw = json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+    return httpx.post(f"{url}{path}", content=raw, timeout=30,
+                      headers={"Content-Type": "application/json"})
+
+
+def _assert_no_5xx(response: httpx.Response) -> None:
+    assert response.status_code < 500, response.text[:500]
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert error["code"] and error["message"]
+
+
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@FUZZ
+@given(body=_bodies(ORCH_FIELDS))
+def test_fuzzed_orchestrate_bodies_never_get_a_5xx(url: str, body: Any) -> None:
+    if isinstance(body, dict) and body.get("stream") is True:
+        body["stream"] = False  # whole answers: a hang shows as an httpx timeout
+    _assert_no_5xx(_send(url, ORCH, body))
+
+
+@FUZZ
+@given(body=_bodies(CHAT_FIELDS))
+def test_fuzzed_chat_bodies_never_get_a_5xx(url: str, body: Any) -> None:
+    if isinstance(body, dict) and body.get("stream") is True:
+        body["stream"] = False
+    _assert_no_5xx(_send(url, CHAT, body))
