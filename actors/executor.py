@@ -99,16 +99,23 @@ class ExecutorActor:
     def load(self) -> ExecutorLoad:
         return ExecutorLoad(active=self.slots.total, queued=self._unfinished - self.slots.total)
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def stream(self, plan: ExecutionPlan) -> AsyncIterator[list[Record]]:
         """`Admitted`, then the plan's records in batches, ending with `Closed`."""
         run = self._admit(plan, live=True)
         try:
-            yield [Admitted(self.slots.total, self._unfinished - self.slots.total)]
+            # One loop step lets tasks with a free slot dispatch, so their `Dispatched`
+            # records travel with `Admitted` (one object less, and the caller opens its
+            # reader sooner).
+            await asyncio.sleep(0)
+            first, run.outbox = run.outbox, []
+            yield [Admitted(self.slots.total, self._unfinished - self.slots.total), *first]
             async for batch in run.batches():
                 yield batch
         finally:
             run.cancel()  # a no-op when finished; the caller went away otherwise
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def run(self, plan: ExecutionPlan) -> list[TaskResult]:
         """All of a plan's results, primary first, for a caller that needs no stream."""
         run = self._admit(plan, live=False)

@@ -68,6 +68,7 @@ class ExpertActor:
         return {"expert": self.config.name, "replica": self.replica, "node_id": self.node_id,
                 "pid": self.pid}
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def run(self, task: ExpertTask, key: str, stream: bool) -> Completion:
         """Generate one attempt's whole answer; with `stream`, publish it as it comes."""
         await self._ensure_started()
@@ -96,6 +97,7 @@ class ExpertActor:
         done.text = "".join(parts)
         return done
 
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def read(self, key: str, offset: int = 0,
                    hold_s: float = 0.0) -> AsyncIterator[tuple[str, int]]:
         """The attempt's text from character `offset`, in coalesced (text, tokens) batches."""

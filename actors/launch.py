@@ -53,6 +53,9 @@ def serve_and_wait(config_path: str | None, *, name: str, host: str, port: int,
               + "\n(start GPU nodes, or `--skip-placement-check` when an autoscaler will)",
               file=sys.stderr)
         return 2
+    stop = threading.Event()  # set by SIGINT/SIGTERM, even while the deploy is under way
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     ours = not _serve_running()  # shut Serve down at the end only if we started it
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -67,11 +70,9 @@ def serve_and_wait(config_path: str | None, *, name: str, host: str, port: int,
         if ours:
             serve.shutdown()
         return 1
-    print(f"chorus: serving {', '.join(config.expert_names)} on http://{host}:{port}",
-          flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    where = (f"http://{host}:{port}" if ours else
+             "the proxy of the Serve instance already running on this cluster (see `serve status`)")
+    print(f"chorus: serving {', '.join(config.expert_names)} on {where}", flush=True)
     stop.wait()
     serve.delete(name)  # removes the team's actors (ChorusIngress.__del__)
     if ours:

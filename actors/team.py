@@ -21,7 +21,12 @@ from actors.placement import missing_resources
 from actors.router import RouterActor
 from actors.supervisor import Supervisor, ray_state
 from orchestration.config import ChorusConfig, ExpertConfig
-from orchestration.errors import ChorusError, NoHealthyExpertError, PlacementError
+from orchestration.errors import (
+    ChorusError,
+    NoHealthyExpertError,
+    PlacementError,
+    RouterModelError,
+)
 from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest, PlanEvent
 from orchestration.pipeline import finish_stream
 from orchestration.routing import needs_router, plan_request
@@ -128,7 +133,7 @@ class Team:
         pending = {label: handle.ready.remote()
                    for group in self.replicas.values() for label, handle in group.items()}
         pending["executor"] = self.executor.probe.remote()
-        pending["router"] = self.router.ping.remote()
+        pending["router"] = self.router.ready.remote()
         refs = list(pending.values())
         ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
         late = [label for label, ref in pending.items() if ref not in ready]
@@ -144,7 +149,9 @@ class Team:
         for label, ref in pending.items():  # placed, but did its engine start?
             try:
                 await ref
-            except Exception as exc:  # the engine raised while loading: name the expert
+            except Exception as exc:  # an engine or the router's model failed to load
+                if isinstance(error := translate(exc, actor=label), RouterModelError):
+                    raise error from None  # it names the router's model
                 name = label.rsplit("#", 1)[0]
                 raise NoHealthyExpertError(f"{name} failed to start: {cause_of(exc)}",
                                            field=f"experts.{name}") from None
@@ -216,7 +223,7 @@ class Team:
             *(asyncio.wait_for(self.replicas[e][label].stats.remote(), timeout_s)
               for e, label in labels),
             asyncio.wait_for(self.executor.stats.remote(), timeout_s),
-            asyncio.wait_for(self.router.ping.remote(), timeout_s),
+            asyncio.wait_for(self.router.stats.remote(), timeout_s),
             return_exceptions=True)
         lives = self.supervisor.states() if self.supervisor else {}
         restarts = await asyncio.to_thread(

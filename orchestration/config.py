@@ -17,6 +17,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
+# A cosine similarity that an expert's score must reach (MiniLM scores live in 0..1).
+Score = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
@@ -72,6 +74,10 @@ class ExpertConfig(_Section):
     description: str = ""
     system_prompt: str | None = None
     keywords: list[str] = Field(default_factory=list)
+    # Example utterances the router embeds to recognise this expert's prompts.
+    routes: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # Overrides `router.score_threshold` for this expert.
+    score_threshold: Score | None = None
     priority: Literal["high", "normal"] = "normal"
     max_concurrency: PositiveInt = 4
     max_restarts: Annotated[int, Field(ge=-1)] = 3
@@ -108,12 +114,26 @@ class LoadThresholds(_Section):
 
 
 class RouterConfig(_Section):
+    """Who answers: scoring method and score thresholds; load thresholds for degrading."""
+
     primary: str = "general"
     max_parallel_experts: NonNegInt = 3
     default_strategy: ExecutionStrategy = ExecutionStrategy.PARALLEL_FULL
     thresholds: LoadThresholds = Field(default_factory=LoadThresholds)
     # The executor pushes its load to the router at most this often (when it changed).
     load_publish_s: PositiveFloat = 0.05
+    # keywords: keyword hits only (no model); semantic: similarity to experts' routes;
+    # hybrid: similarity plus `keyword_weight` when a keyword of the expert occurs.
+    method: Literal["keywords", "semantic", "hybrid"] = "keywords"
+    # Sentence-embedding model for semantic/hybrid: a packaged name or a folder with
+    # model.onnx and tokenizer.json (actors/embedder.py).
+    model: str = "all-MiniLM-L6-v2"
+    # An expert is a candidate when its score reaches its threshold; the best candidate
+    # is the primary, and others are specialists if they also reach `specialist_ratio`
+    # of the best score (a second topic in the prompt, not noise).
+    score_threshold: Score = 0.2
+    specialist_ratio: Annotated[float, Field(ge=0, le=1)] = 0.8
+    keyword_weight: Annotated[float, Field(ge=0, le=1)] = 0.15
     resources: ActorResources = Field(default_factory=ActorResources)
 
 
@@ -161,7 +181,7 @@ class StreamConfig(_Section):
 
     # After the first batch (sent at once), a stream sends at most one batch per
     # `max_hold_s`: text that arrives sooner waits at most this long and leaves merged.
-    max_hold_s: NonNegFloat = 0.02
+    max_hold_s: NonNegFloat = 0.05
     # Ray generator backpressure: batches in flight before the producer waits (and
     # merges what piles up meanwhile).
     backpressure_objects: PositiveInt = 1
@@ -248,6 +268,9 @@ class ChorusConfig(_Section):
                 raise FieldError(f"experts[{i}].fallback", f"unknown expert {expert.fallback!r}")
             if expert.fallback == expert.name:
                 raise FieldError(f"experts[{i}].fallback", "an expert cannot be its own fallback")
+        if self.router.method != "keywords" and not any(e.routes for e in self.experts):
+            raise FieldError("router.method", f"{self.router.method} routing needs `routes` "
+                             "(example utterances) on at least one expert")
         if self.fusion.strategy == "synthesize":
             if self.fusion.synthesizer is None:
                 raise FieldError("fusion.synthesizer", "required when strategy is synthesize")
@@ -264,6 +287,12 @@ class ChorusConfig(_Section):
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def score_threshold(self, expert: ExpertConfig) -> float:
+        """The similarity an expert's score must reach to be consulted."""
+        if expert.score_threshold is not None:
+            return expert.score_threshold
+        return self.router.score_threshold
 
 
 def parse_config(data: Any, source: str = "<config>") -> ChorusConfig:

@@ -16,6 +16,7 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     ├── MethodNotAllowedError (405)  method_not_allowed
     ├── QueueFullError (429) ....... queue_full: admission refused, Retry-After
     ├── NoHealthyExpertError (503) . no expert could serve the request
+    ├── RouterModelError (503) ..... router_model_unavailable: the embedding model failed
     ├── ServiceUnavailableError (503) unavailable: router/executor down or restarting
     ├── PlacementError (503) ....... placement_failed: the cluster cannot hold the team
     ├── InternalError (500) ........ internal_error: a bug; the message says where
@@ -120,6 +121,13 @@ class QueueFullError(ChorusError):
 
 class NoHealthyExpertError(ChorusError):
     code = "no_healthy_expert"
+    status = 503
+
+
+class RouterModelError(ChorusError):
+    """The router's embedding model cannot load (missing package, unreadable files)."""
+
+    code = "router_model_unavailable"
     status = 503
 
 

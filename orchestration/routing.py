@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from orchestration.config import ChorusConfig, ExpertConfig
 from orchestration.errors import UnknownExpertError
@@ -17,22 +18,61 @@ from orchestration.models import (
 from orchestration.scheduling import effective_priority, task_priority
 
 
-def _keyword_hits(expert: ExpertConfig, prompt: str) -> int:
+def keyword_hits(expert: ExpertConfig, prompt: str) -> int:
+    """How many of the expert's keywords occur in the prompt as whole words."""
     text = prompt.lower()
     return sum(
         1 for kw in expert.keywords if re.search(rf"(?<!\w){re.escape(kw.lower())}(?!\w)", text)
     )
 
 
-def select_specialists(config: ChorusConfig, prompt: str, primary: str) -> list[ExpertConfig]:
-    """Experts whose keywords occur in the prompt, most hits first, then config order."""
-    scored = [
-        (hits, -index, expert)
-        for index, expert in enumerate(config.experts)
-        if expert.name != primary and (hits := _keyword_hits(expert, prompt)) > 0
+def expert_scores(
+    config: ChorusConfig, prompt: str, similarity: Mapping[str, float] | None = None
+) -> tuple[str, dict[str, float]]:
+    """Every expert's score under the router's method, and the method actually used.
+
+    `similarity` is each expert's semantic score (see `orchestration.semantic`); without
+    it, a semantic or hybrid router can only count keywords, and says so.
+    """
+    method = config.router.method
+    hits = {e.name: keyword_hits(e, prompt) for e in config.experts}
+    if method == "keywords" or similarity is None:
+        return "keywords", {name: float(n) for name, n in hits.items()}
+    if method == "semantic":
+        return method, {e.name: similarity.get(e.name, 0.0) for e in config.experts}
+    bonus = config.router.keyword_weight
+    return method, {
+        e.name: similarity.get(e.name, 0.0) + (bonus if hits[e.name] else 0.0)
+        for e in config.experts
+    }
+
+
+def threshold(config: ChorusConfig, method: str, expert: ExpertConfig) -> float:
+    """The score an expert must reach: one keyword hit, or its similarity threshold."""
+    return 1.0 if method == "keywords" else config.score_threshold(expert)
+
+
+def ranked_fits(config: ChorusConfig, method: str, scores: Mapping[str, float]) -> list[ExpertConfig]:
+    """Experts whose score reaches their threshold, best first, then in config order."""
+    fits = [
+        (scores[e.name], -index, e)
+        for index, e in enumerate(config.experts)
+        if scores[e.name] >= threshold(config, method, e)
     ]
-    scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return [expert for _, _, expert in scored][: config.router.max_parallel_experts]
+    fits.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return [e for _, _, e in fits]
+
+
+def describe_scores(config: ChorusConfig, method: str, scores: Mapping[str, float]) -> str:
+    """`hybrid scores: code 0.71>=0.45, critic 0.38<0.45, ...`: what decided, best first."""
+    if method == "keywords":
+        hits = [f"{name} {int(n)}" for name, n in sorted(scores.items(), key=lambda i: -i[1]) if n]
+        return f"keyword hits: {', '.join(hits) or 'none'}"
+    parts = []
+    for name, score in sorted(scores.items(), key=lambda item: -item[1]):
+        bar = threshold(config, method, config.expert(name))
+        parts.append(f"{name} {score:.3f}{'>=' if score >= bar else '<'}{bar:g}")
+    return f"{method} scores: {', '.join(parts)}"
 
 
 def choose_strategy(config: ChorusConfig, load: ExecutorLoad) -> ExecutionStrategy:
@@ -66,20 +106,45 @@ def needs_router(request: OrchestrateRequest) -> bool:
 
 
 def plan_request(
-    request: OrchestrateRequest, config: ChorusConfig, load: ExecutorLoad | None = None
+    request: OrchestrateRequest,
+    config: ChorusConfig,
+    load: ExecutorLoad | None = None,
+    similarity: Mapping[str, float] | None = None,
 ) -> ExecutionPlan:
-    """Decide who answers: primary, specialists, strategy, priorities and deadlines."""
+    """Decide who answers: primary, specialists, strategy, priorities and deadlines.
+
+    The primary is the caller's, else the best-fitting expert, else `router.primary`;
+    specialists are the next best fits (never the default primary, the generalist).
+    """
     load = load or ExecutorLoad()
-    primary_name = request.primary or config.router.primary
+    method, scores = expert_scores(config, request.prompt, similarity)
+    fits = ranked_fits(config, method, scores)
+    reasons = [describe_scores(config, method, scores)]
+    if method != config.router.method:
+        reasons.append(f"no semantic scores: {config.router.method} router fell back to keywords")
+    default = config.router.primary
+    if request.primary is not None:
+        primary_name = request.primary
+        reasons.append(f"primary {primary_name}: chosen by the caller")
+    elif fits and request.experts is None:
+        primary_name = fits[0].name
+        reasons.append(f"primary {primary_name}: best fit")
+    else:
+        primary_name = default
+        why = "experts chosen by the caller" if fits else "no expert reached its threshold"
+        reasons.append(f"primary {primary_name}: the default ({why})")
     _check_names(config, [primary_name], "primary")
-    reasons = []
     if request.experts is not None:
         _check_names(config, request.experts, "experts")
         chosen = [config.expert(n) for n in dict.fromkeys(request.experts) if n != primary_name]
         reasons.append("experts chosen by the caller")
     else:
-        chosen = select_specialists(config, request.prompt, primary_name)
-        reasons.append(f"keywords matched {[e.name for e in chosen]}")
+        # Keyword hits are counts, not similarities: any hit makes a specialist there.
+        ratio = 0.0 if method == "keywords" else config.router.specialist_ratio
+        floor = ratio * scores[fits[0].name] if fits else 0.0
+        chosen = [e for e in fits if e.name not in (primary_name, default) and scores[e.name] >= floor]
+        chosen = chosen[: config.router.max_parallel_experts]
+        reasons.append(f"specialists {[e.name for e in chosen]}")
         if load.total >= config.router.thresholds.drop_normal_experts:
             dropped = [e.name for e in chosen if e.priority != "high"]
             chosen = [e for e in chosen if e.priority == "high"]

@@ -52,6 +52,13 @@ BROKEN = {
     "bad mock option": (
         lambda d: d["experts"][0]["mock"].update(ttft_s=-1), "experts[0].mock.ttft_s"),
     "no experts": (lambda d: d.update(experts=[]), "experts"),
+    "unknown routing method": (
+        lambda d: d["router"].update(method="oracle"), "router.method"),
+    "semantic routing without routes": (
+        lambda d: [e.pop("routes", None) for e in d["experts"]], "router.method"),
+    "score threshold above 1": (
+        lambda d: d["experts"][2].update(score_threshold=1.5), "experts[2].score_threshold"),
+    "empty route": (lambda d: d["experts"][1].update(routes=["fine", ""]), "experts[1].routes[1]"),
 }
 
 

@@ -174,7 +174,7 @@ async def test_crashed_expert_is_restarted_and_the_task_retried() -> None:
 async def test_failed_expert_does_not_fail_the_plan() -> None:
     config = make_config(experts={"math": {"mock": {"fail_every": 1}}})
     async with Client.local(config) as client:
-        events = await _events(client, "calculate the sum")
+        events = await _events(client, "calculate the sum", primary="general")
     kinds = [e.type for e in events]
     assert kinds[0] == "plan" and kinds[-2:] == ["fusion", "done"]
     assert kinds.count("primary") >= 2
@@ -290,9 +290,10 @@ async def test_an_engine_that_cannot_start_is_named() -> None:
 async def test_router_actor_reads_load_and_degrades_the_plan() -> None:
     from orchestration.models import ExecutorLoad, OrchestrateRequest
 
-    async with Client.local(make_config()) as client:
+    async with Client.local(make_config(router={"method": "keywords"})) as client:
         router = client.team.router
-        request = OrchestrateRequest(prompt="review the python code and calculate the sum")
+        request = OrchestrateRequest(prompt="review the python code and calculate the sum",
+                                     primary="general")
         idle = await router.plan.remote(request)
         await router.set_load_override.remote(ExecutorLoad(active=16, queued=40))
         swamped = await router.plan.remote(request)

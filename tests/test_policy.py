@@ -13,12 +13,17 @@ from tests.conftest import make_config
 
 
 def test_keywords_pick_the_specialist() -> None:
-    config = make_config()
-    plan = plan_request(OrchestrateRequest(prompt="Fix this Python function bug"), config)
+    config = make_config(router={"method": "keywords"})
+    prompt = "Fix this Python function bug"
+    plan = plan_request(OrchestrateRequest(prompt=prompt, primary="general"), config)
     assert plan.primary.expert == "general"
     assert [t.expert for t in plan.experts] == ["code"]
     assert plan.primary.priority == 10 and plan.experts[0].priority == 5
     assert plan.strategy is ExecutionStrategy.PARALLEL_FULL
+    # Unforced, the best fit leads: code, with nobody else matching.
+    fit = plan_request(OrchestrateRequest(prompt=prompt), config)
+    assert [t.expert for t in fit.tasks] == ["code"]
+    assert fit.reason.startswith("keyword hits: code 3; primary code: best fit")
 
 
 def test_no_keyword_means_primary_only() -> None:
@@ -27,14 +32,16 @@ def test_no_keyword_means_primary_only() -> None:
 
 
 def test_load_degrades_strategy_and_drops_low_priority_experts() -> None:
-    config = make_config()
+    config = make_config(router={"method": "keywords"})
     prompt = "review the python code and calculate the sum"
     idle = plan_request(OrchestrateRequest(prompt=prompt), config, ExecutorLoad())
+    assert [t.expert for t in idle.tasks] == ["code", "math", "critic"]  # 2, 2, 1 hits
+    idle = plan_request(OrchestrateRequest(prompt=prompt, primary="general"), config)
     assert {t.expert for t in idle.experts} == {"code", "math", "critic"}
-    busy = plan_request(OrchestrateRequest(prompt=prompt), config, ExecutorLoad(active=9))
+    request = OrchestrateRequest(prompt=prompt, primary="general")
+    busy = plan_request(request, config, ExecutorLoad(active=9))
     assert busy.strategy is ExecutionStrategy.PARALLEL_LIMITED
-    swamped = plan_request(OrchestrateRequest(prompt=prompt), config,
-                           ExecutorLoad(active=16, queued=20))
+    swamped = plan_request(request, config, ExecutorLoad(active=16, queued=20))
     assert swamped.strategy is ExecutionStrategy.SERIAL
     assert [t.expert for t in swamped.experts] == ["code"]  # the only HIGH specialist
     assert "dropped" in swamped.reason
