@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +21,7 @@ import yaml
 
 from orchestration.cli import iter_sse
 from orchestration.client import Client
-from tests.conftest import ROOT, config_dict, until
+from tests.conftest import config_dict, until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 KEY = "test-key-123"
@@ -33,58 +29,11 @@ SECRET = "sk-ABCDEFGHIJKLMNOPQRSTUVWX1234"
 LEAK = f" <think>internal plan: never show</think> use {SECRET} please"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _chorus_actors(prefix: str) -> list[str]:
     import ray
 
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)]
-
-
-@pytest.fixture(scope="module")
-def serve_port():
-    import ray
-    from ray import serve
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    assert ray.is_initialized()
-
-
-@pytest.fixture(scope="module")
-def base_url(serve_port: int):
-    """`serve run serve_app:app` in a subprocess, attached to this session's Ray."""
-    import ray
-
-    serve_cli = Path(sys.executable).parent / "serve"
-    env = {k: v for k, v in os.environ.items() if k not in ("CHORUS_CONFIG", "CHORUS_API_KEY")}
-    proc = subprocess.Popen(
-        [str(serve_cli), "run", "--address", ray.get_runtime_context().gcs_address,
-         "--name", "chorus", "serve_app:app"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{serve_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "serve run did not come up in 120 s"
-        time.sleep(0.5)  # polling an external process: nothing to await
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
 
 
 @pytest.fixture(scope="module")
