@@ -23,6 +23,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from actors.metrics import metrics
+from actors.periodic import Periodic
 from actors.placement import missing_resources
 from orchestration.autoscale import ScaleState, decide, placement_failed
 
@@ -32,31 +33,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 
 
-class Scaler:
+class Scaler(Periodic):
     """One team's autoscaling loop."""
 
     def __init__(self, team: Team) -> None:
         self.team = team
         self.config = team.config.scaling
+        self.interval_s = self.config.interval_s
         self.states = {e.name: ScaleState() for e in team.config.experts}
         self.last: dict[str, str] = {}  # expert -> the latest decision's reason
         self.history: deque[dict[str, Any]] = deque(maxlen=20)  # changes only
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.step()
-            except Exception:  # one bad round (executor restarting) must not end scaling
-                log.exception("autoscaling round failed; trying again next round")
-            await asyncio.sleep(self.config.interval_s)
 
     async def step(self) -> None:
         team = self.team

@@ -20,6 +20,7 @@ from ray.actor import ActorHandle
 
 from actors.boundary import translate
 from actors.metrics import metrics
+from actors.periodic import Periodic
 from orchestration.supervision import ActorLife, Life
 
 if TYPE_CHECKING:
@@ -40,26 +41,19 @@ def ray_state(handle: ActorHandle) -> tuple[str, int]:
     return str(info.get("State", "UNKNOWN")), int(info.get("NumRestarts", 0))
 
 
-class Supervisor:
+class Supervisor(Periodic):
     """Watches one team's actors; re-creates those Ray gave up on."""
 
     def __init__(self, team: Team) -> None:
         self.team = team
         self.config = team.config.supervision
+        self.interval_s = self.config.check_interval_s
         now = time.monotonic()
         self.lives: dict[str, ActorLife] = {
             label: ActorLife(label, "expert", expert, Life.READY, now)
             for expert, group in team.replicas.items() for label in group}
         self.lives["router"] = ActorLife("router", "router", None, Life.READY, now)
         self.lives["executor"] = ActorLife("executor", "executor", None, Life.READY, now)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
     def watch(self, label: str, expert: str) -> None:
         """Supervise a new replica (a scale-up), starting."""
@@ -74,12 +68,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _run(self) -> None:
-        while True:
-            await self.check()
-            await asyncio.sleep(self.config.check_interval_s)
-
-    async def check(self) -> None:
+    async def step(self) -> None:
         """One round over every actor; one actor's trouble never stops the others'."""
         await asyncio.gather(*(self._check(life) for life in list(self.lives.values())),
                              return_exceptions=True)

@@ -7,7 +7,6 @@ a hypothesis fuzz of a few hundred generated bodies per POST route.
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 import httpx
@@ -23,24 +22,19 @@ FAST = {"ttft_s": 0.0, "token_latency_s": 0.0, "tokens": 3}
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory) -> str:
+def url(serve_port: int, tmp_path_factory) -> str:
     from ray import serve
 
     from serve_app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     data = config_dict("mock")
     for expert in data["experts"]:
         expert["mock"].update(FAST)
     data["executor"]["max_queue"] = 4096
     path = tmp_path_factory.mktemp("hostile") / "hostile.yaml"
     path.write_text(yaml.safe_dump(data))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"config": str(path)}), name="hostile", route_prefix="/hostile")
-    yield f"http://127.0.0.1:{port}/hostile"
-    serve.shutdown()
+    return f"http://127.0.0.1:{serve_port}/hostile"
 
 
 CHAT = "/v1/chat/completions"

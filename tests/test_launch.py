@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, config_dict
+from tests.conftest import ROOT, config_dict, free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 CHORUS = [sys.executable, "-m", "orchestration.cli", "serve"]
@@ -23,12 +22,6 @@ def _address() -> str:
     import ray
 
     return ray.get_runtime_context().gcs_address
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(tmp_path: Path, patch: dict[str, dict]) -> str:
@@ -42,7 +35,7 @@ def _config(tmp_path: Path, patch: dict[str, dict]) -> str:
 
 def test_a_team_this_cluster_cannot_hold_fails_at_once_naming_each_expert(tmp_path) -> None:
     path = _config(tmp_path, {"code": {"num_gpus": 1}, "critic": {"num_gpus": 2}})
-    run = subprocess.run([*CHORUS, path, "--address", _address(), "--port", str(_port())],
+    run = subprocess.run([*CHORUS, path, "--address", _address(), "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.startswith(("chorus:", "  - "))]
@@ -58,7 +51,7 @@ def test_a_team_whose_engine_cannot_start_fails_the_deploy_with_one_line(tmp_pat
     path = _config(tmp_path, {"math": {"backend": "vllm", "model": "/nonexistent/model",
                                        "num_gpus": 0}})
     # A Ray instance of its own: Serve must not outlive the command in the shared one.
-    run = subprocess.run([*CHORUS, path, "--address", "local", "--port", str(_port())],
+    run = subprocess.run([*CHORUS, path, "--address", "local", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 1, run.stderr[-2000:]
     failure = [line for line in run.stderr.splitlines() if line.startswith("chorus:")]
@@ -67,7 +60,7 @@ def test_a_team_whose_engine_cannot_start_fails_the_deploy_with_one_line(tmp_pat
 
 
 def test_serving_the_mock_team_then_sigterm_exits_0() -> None:
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([*CHORUS, "--address", "local", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:

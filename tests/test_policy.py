@@ -142,3 +142,17 @@ def test_the_callers_seed_reaches_every_task() -> None:
         {"model": "code", "seed": 11, "messages": [{"role": "user", "content": "hi"}]})
     assert to_orchestrate(chat, config.expert_names, "r1").seed == 11
     assert plan_request(OrchestrateRequest(prompt="hi"), config).primary.seed is None
+
+
+@pytest.mark.parametrize(("fields", "needed"), [
+    ({}, True),  # the router picks the primary (by fit) and the specialists
+    ({"primary": "code"}, True),  # ... still the specialists
+    ({"experts": []}, True),  # ... still the primary
+    ({"primary": "code", "experts": []}, False),  # one task: nothing to decide
+    ({"primary": "code", "experts": ["math"]}, True),  # the strategy depends on load
+    ({"primary": "code", "experts": ["math"], "strategy": "SERIAL"}, False),
+])
+def test_a_request_that_names_everything_needs_no_router(fields: dict, needed: bool) -> None:
+    from orchestration.routing import needs_router
+
+    assert needs_router(OrchestrateRequest(prompt="x", **fields)) is needed

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 from typing import Any
 
 import httpx
@@ -26,12 +25,6 @@ from tests.conftest import config_dict, until
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _deploy(name: str, data: dict[str, Any], tmp_path_factory: Any, port: int) -> str:
     from ray import serve
 
@@ -41,16 +34,6 @@ def _deploy(name: str, data: dict[str, Any], tmp_path_factory: Any, port: int) -
     path.write_text(yaml.safe_dump(data))
     serve.run(build_app({"config": str(path)}), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{port}/{name}"
-
-
-@pytest.fixture(scope="module")
-def serve_port():
-    from ray import serve
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
