@@ -91,6 +91,13 @@ class LivePlan:
                     return
         finally:
             pump.cancel()
+            if self.finished and readers:
+                # Their attempts ended, so they end within a batch; wait (briefly) so no
+                # task outlives the request, then stop any that still waits (an attempt
+                # cancelled before it reached its replica never writes).
+                await asyncio.wait(readers, timeout=self.config.max_hold_s + 1.0)
+                for reader in readers:
+                    reader.cancel()
             if not self.finished:
                 # The caller went away (or failed): nothing of this request may keep
                 # running. Cancelling the stream cancels every task of the plan, and
