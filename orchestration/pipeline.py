@@ -75,7 +75,8 @@ class _Finisher:
     def clean(self, result: TaskResult) -> TaskResult:
         if result.result is None:
             return result
-        return result.model_copy(update={"result": self.guard.sanitize(result.result)})
+        clean = self.guard.sanitize(result.result)
+        return result if clean == result.result else result.model_copy(update={"result": clean})
 
     async def synthesized(
         self, primary: TaskResult, experts: list[TaskResult], fallback: FusionOutcome
@@ -135,17 +136,18 @@ async def finish_stream(
         if isinstance(event, PrimaryDelta):
             state.first_delta_at = state.first_delta_at or time.monotonic()
             if safe := live.feed(event.delta):
-                yield event.model_copy(update={"delta": safe})
+                yield event if safe == event.delta else event.model_copy(update={"delta": safe})
         elif isinstance(event, ExpertDelta):
             window = specialists.setdefault(event.task_id, state.guard.stream())
             if safe := window.feed(event.delta):
-                yield event.model_copy(update={"delta": safe})
+                yield event if safe == event.delta else event.model_copy(update={"delta": safe})
         elif isinstance(event, ExpertEvent):
             window = specialists.pop(event.result.task_id, None)
             if window is not None and (tail := window.flush()):
                 yield ExpertDelta(request_id=state.request_id, task_id=event.result.task_id,
                                   expert=event.result.expert, delta=tail)
-            yield event.model_copy(update={"result": state.clean(event.result)})
+            clean = state.clean(event.result)
+            yield event if clean is event.result else event.model_copy(update={"result": clean})
         elif isinstance(event, DoneEvent):
             if tail := live.flush():
                 yield PrimaryDelta(request_id=state.request_id, expert=first.plan.primary.expert,
