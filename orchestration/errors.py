@@ -10,6 +10,7 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     │   ├── InvalidJSONError (400) . invalid_json: not JSON, not an object, too deep
     │   ├── BodyTooLargeError (413)  body_too_large
     │   ├── InvalidHeaderError (400) invalid_header: e.g. an oversized X-Request-ID
+    │   ├── UnsupportedParameterError (400) unsupported_parameter: cannot be honoured
     │   └── UnknownExpertError (404) unknown_expert / unknown model
     ├── UnauthorizedError (401)
     ├── NotFoundError (404) ........ not_found: no such route
@@ -105,6 +106,13 @@ class ServiceUnavailableError(ChorusError):
 class InternalError(ChorusError):
     code = "internal_error"
     status = 500
+
+
+class UnsupportedParameterError(BadRequestError):
+    """A parameter Chorus cannot honour for this model: refused, never dropped."""
+
+    code = "unsupported_parameter"
+    status = 400
 
 
 class UnknownExpertError(BadRequestError):

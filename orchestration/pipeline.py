@@ -73,9 +73,27 @@ class _Finisher:
         self.first_delta_at: float | None = None
 
     def clean(self, result: TaskResult) -> TaskResult:
-        if result.result is None:
-            return result
-        return result.model_copy(update={"result": self.guard.sanitize(result.result)})
+        """The result with every text the caller will see guarded: the answer, the other
+        choices, and the arguments of tool calls."""
+        sanitize = self.guard.sanitize
+        update: dict[str, Any] = {}
+        if result.result is not None:
+            update["result"] = sanitize(result.result)
+        if result.samples:
+            update["samples"] = [s.model_copy(update={
+                "text": sanitize(s.text), "tool_calls": self.clean_calls(s.tool_calls)})
+                for s in result.samples]
+        if result.tool_calls:
+            update["tool_calls"] = self.clean_calls(result.tool_calls)
+        return result.model_copy(update=update) if update else result
+
+    def clean_calls(self, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if not calls:
+            return calls
+        sanitize = self.guard.sanitize
+        return [{**c, "function": {**c["function"],
+                                   "arguments": sanitize(c["function"]["arguments"])}}
+                for c in calls]
 
     async def synthesized(
         self, primary: TaskResult, experts: list[TaskResult], fallback: FusionOutcome
