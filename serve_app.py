@@ -208,7 +208,7 @@ class ChorusIngress:
                                      headers={**SSE_HEADERS, **headers})
         final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
         if final.type == "error":
-            return JSONResponse(error_body(final.status, final.code, final.message),
+            return JSONResponse(error_body(final.status, final.code, final.message, final.param),
                                 status_code=final.status, headers=headers)
         return JSONResponse({
             "id": rid, "correlation_id": req.correlation_id,
@@ -245,7 +245,7 @@ class ChorusIngress:
                                      headers={**SSE_HEADERS, ID_HEADER: rid})
         final = [event async for event in self._timed(first, events, route)][-1]
         if final.type == "error":
-            return JSONResponse(error_body(final.status, final.code, final.message),
+            return JSONResponse(error_body(final.status, final.code, final.message, final.param),
                                 status_code=final.status, headers={ID_HEADER: rid})
         return JSONResponse(shape.completion(final, fusion), headers={ID_HEADER: rid})
 

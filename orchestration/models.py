@@ -215,8 +215,10 @@ class TaskResult(_Model):
     status: TaskStatus
     result: str | None = None
     error: str | None = None
-    # Stable code of the last error (`engine_error`, `timeout`, `expert_unavailable`, ...).
+    # Stable code of the last error (`engine_error`, `timeout`, `expert_unavailable`, ...),
+    # and the request field it is about (bad input the engine found, e.g. `response_format`).
     error_code: str | None = None
+    error_field: str | None = None
     attempts: int = 0
     latency_s: float = 0.0
     ttft_s: float | None = None
@@ -313,6 +315,8 @@ class ErrorEvent(_Model):
     code: str
     message: str
     status: int = 500
+    # The request field the error is about, when it is the caller's input.
+    param: str | None = None
 
 
 class DoneEvent(_Model):

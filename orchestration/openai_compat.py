@@ -82,11 +82,11 @@ class ChatMessage(_Body):
         self.refusals(where)
         if isinstance(self.content, list):
             for j, part in enumerate(self.content):
-                part.refusals(f"{where}content[{j}].")
                 if part.type != "text":
                     raise UnsupportedParameterError(
                         f"{where}content[{j}].type: {part.type!r} parts are not supported "
                         "(text only)", field=f"{where}content[{j}].type")
+                part.refusals(f"{where}content[{j}].")
             text = "".join(part.text or "" for part in self.content)
         else:
             text = self.content or ""

@@ -168,7 +168,7 @@ async def stream(events: AsyncIterator[Any], shape: Shape, strategy: str,
             # `append` adds the experts' section after the primary's text.
             piece = event.content[len(sent):] if event.content.startswith(sent) else ""
         elif event.type == "error":
-            yield _sse(error_body(event.status, event.code, event.message))
+            yield _sse(error_body(event.status, event.code, event.message, event.param))
         elif event.type == "done":
             for line in _ends(event, shape, strategy):
                 yield line

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from orchestration.config import ChorusConfig, GuardConfig
+from orchestration.errors import BadRequestError, UnsupportedParameterError
 from orchestration.fusion import (
     FusionOutcome,
     build_synthesis_task,
@@ -34,11 +35,18 @@ from orchestration.models import (
 )
 
 Synthesize = Callable[[ExpertTask], AsyncIterator[Any]]
+# Error codes of the caller's input (never retried): the request ends with their status.
+_INPUT_ERRORS = {BadRequestError.code: BadRequestError.status,
+                 UnsupportedParameterError.code: UnsupportedParameterError.status}
 
 
 def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
     """A clear terminal error for a primary that failed for good with nobody to stand in."""
     served = " -> ".join(primary.served_by) or primary.expert
+    if primary.error_code in _INPUT_ERRORS:  # the engine refused the caller's input
+        return ErrorEvent(request_id=request_id, code=primary.error_code,
+                          message=primary.error or "", status=_INPUT_ERRORS[primary.error_code],
+                          param=primary.error_field)
     if primary.error_code == "expert_unavailable":
         code, status = "no_healthy_expert", 503
     else:

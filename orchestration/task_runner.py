@@ -91,7 +91,7 @@ class TaskRun:
                 samples=done.extras.get("samples", []), **fields)
         error = self.error or ChorusError(f"{task.expert}: no attempt was made")
         return TaskResult(status=status_of(error), error=error.message,
-                          error_code=error.code, **fields)
+                          error_code=error.code, error_field=error.field, **fields)
 
 
 def status_of(error: ChorusError) -> TaskStatus:

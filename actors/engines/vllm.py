@@ -28,14 +28,18 @@ EXIT_DELAY_S = 0.5
 HISTORY = 16
 
 
-def _field_of(exc: Exception) -> str:
+def _field_of(exc: Exception, request: GenerationRequest) -> str:
     """The request field a vLLM validation error is about (ours, not vLLM's names)."""
     text = str(exc).lower()
+    if text.startswith("n must"):  # e.g. several choices of a greedy (temperature 0) sample
+        return "n"
     if any(word in text for word in ("schema", "json", "grammar", "structured")):
         return "response_format"
     if "logit" in text:
         return "logit_bias"
-    return "stop" if "stop" in text else "messages"
+    if "stop" in text:
+        return "stop"
+    return "prompt" if request.prompt is not None else "messages"
 
 
 def _logprob(lp: Any) -> dict[str, Any]:
@@ -211,7 +215,8 @@ class VLLMEngine:
             prompt, raw = self._prompt(request)
             params = self._params(request)
         except (VLLMClientError, ValueError) as exc:  # e.g. an unusable JSON schema
-            raise BadRequestError(f"expert {self.name}: {exc}", field=_field_of(exc)) from None
+            field = _field_of(exc, request)
+            raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
         # Our priority: larger = sooner. vLLM's: smaller = sooner. Only a `priority`
         # scheduler reads it (FCFS ignores it; older vLLM versions rejected it).
         extra = {"priority": -request.priority} if self.priority_scheduling else {}
@@ -263,8 +268,9 @@ class VLLMEngine:
         except VLLMClientError as exc:  # e.g. prompt longer than max_model_len: no retry
             counts["errors"] += 1
             # Name our request's field, not vLLM's parameter ("input_tokens" -> prompt).
-            field = "max_tokens" if getattr(exc, "parameter", None) == "max_tokens" else "prompt"
-            raise BadRequestError(f"expert {self.name}: {exc}", field=field) from None
+            field = "max_tokens" if getattr(exc, "parameter", None) == "max_tokens" else (
+                _field_of(exc, request))
+            raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
         except Exception as exc:  # EngineGenerateError and friends: worth a retry
             counts["errors"] += 1
             if engine.errored:
