@@ -142,17 +142,21 @@ def test_openai_stop_and_max_tokens_on_vllm(sdk: Any, tokenizer: Any) -> None:
 def test_openai_json_schema_and_forced_tool_call_on_vllm(sdk: Any) -> None:
     import jsonschema
 
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                               "population": {"type": "integer"}},
-              "required": ["city", "population"], "additionalProperties": False}
+    # Bounded values: a tiny model at temperature 0 may otherwise write digits until
+    # max_tokens cuts it (valid so far, but never closed).
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "capital": {"type": "boolean"},
+        "country": {"enum": ["France", "Germany", "Italy"]}},
+        "required": ["city", "capital", "country"], "additionalProperties": False}
     reply = sdk.chat.completions.create(
-        model="general", temperature=0, max_tokens=60,
+        model="general", temperature=0, max_tokens=100,
         messages=[{"role": "user", "content": "Describe Paris as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
     called = sdk.chat.completions.create(
-        model="general", temperature=0, max_tokens=60, tools=[tool],
+        model="general", temperature=0, max_tokens=100, tools=[tool],
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
     assert called.finish_reason == "tool_calls"

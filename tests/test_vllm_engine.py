@@ -177,7 +177,7 @@ async def test_prompt_too_long_is_bad_input_not_retried(engine):
     with pytest.raises(BadRequestError) as info:
         await generate(engine, "word " * 5000, max_tokens=16)
     assert not isinstance(info.value, TransientError)
-    assert info.value.field == "prompt"
+    assert info.value.field == "messages"  # the conversation is what is too long
     assert (await engine.stats())["active"] == 0
 
 
