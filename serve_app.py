@@ -49,9 +49,12 @@ from orchestration.openai_compat import (
 )
 from orchestration.openai_output import Shape
 from orchestration.openai_output import stream as openai_stream
+from orchestration.telemetry import RequestWindow
+from orchestration.web import page_options, pages
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Chorus", summary="A team of LLM experts behind one endpoint.")
+api.include_router(pages)  # the playground at `/`, the operations view at `/ops`
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ID_HEADER = "X-Chorus-Request-Id"  # the server-unique id; X-Request-ID is the caller's label
 # Metric tag `route`: the route template for HTTP, `handle` for Python handle calls.
@@ -138,6 +141,7 @@ class ChorusIngress:
         self.api_key = os.environ.get("CHORUS_API_KEY") or self.config.server.api_key
         app = serve.get_replica_context().app_name or "chorus"
         self.team = await Team.start(self.config, name=f"chorus-{app}")
+        self.telemetry = RequestWindow()  # requests/s and percentiles for `/v1/stats`
         logger.info("Chorus team %s ready: %s", self.team.name, ", ".join(self.team.replicas))
 
     def __del__(self) -> None:
@@ -271,7 +275,13 @@ class ChorusIngress:
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._admit(request)
-        return {**await self.team.stats(), "ingress": {"node_id": _node_id(), "pid": os.getpid()}}
+        return {**await self.team.stats(), "ingress": {"node_id": _node_id(), "pid": os.getpid()},
+                "requests": self.telemetry.snapshot()}
+
+    @api.get("/v1/options")
+    async def options(self) -> dict[str, Any]:
+        """The team and the request options, for the playground's form."""
+        return page_options(self.team.config, auth=bool(self.api_key))
 
     # ------------------------------------------------------------------ Python handle API
 
@@ -291,12 +301,13 @@ class ChorusIngress:
     async def _timed(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[Any]:
         """Relay events, closing the team stream (cancelling its tasks) if we stop early."""
         started = time.monotonic()
-        outcome = "disconnected"
+        outcome, ttft = "disconnected", None
         try:
             yield first
             async for event in events:
                 if event.type == "primary" and outcome == "disconnected":
-                    metrics().ttft.observe(time.monotonic() - started, tags={"route": route})
+                    ttft = time.monotonic() - started
+                    metrics().ttft.observe(ttft, tags={"route": route})
                     outcome = "streaming"
                 if event.type in ("done", "error"):
                     outcome = "ok" if event.type == "done" else event.code
@@ -306,7 +317,9 @@ class ChorusIngress:
         finally:
             await events.aclose()  # caller gone: Team.stream cancels every task
             metrics().requests.inc(tags={"route": route, "outcome": outcome})
-            metrics().latency.observe(time.monotonic() - started, tags={"route": route})
+            latency = time.monotonic() - started
+            metrics().latency.observe(latency, tags={"route": route})
+            self.telemetry.record(latency, ttft, "disconnected" if outcome == "streaming" else outcome)
 
     async def _relay(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[str]:
         async for event in self._timed(first, events, route):

@@ -1,14 +1,16 @@
 """The executor's Ray boundary for one attempt: a slot, a replica, one ObjectRef.
 
 `RayDispatcher` implements the task runner's `Dispatcher` protocol: `slot` waits for
-the scheduler's grant and picks the replica; `invoke` calls `ExpertActor.run`, and
-cancelling the await cancels the ref (`ray.cancel`), so a deadline or a caller that
-went away reaches the engine. Ray's errors are translated by `actors.boundary`.
+the scheduler's grant and picks the replica (`orchestration.replicas`); `invoke` calls
+`ExpertActor.run`, and cancelling the await cancels the ref (`ray.cancel`), so a
+deadline or a caller that went away reaches the engine. Ray's errors are translated by
+`actors.boundary`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,22 +19,11 @@ from typing import Any
 import ray
 
 from actors.boundary import translate
-from orchestration.errors import ExpertUnavailableError
+from orchestration.errors import ExpertUnavailableError, TaskCancelledError
 from orchestration.models import ExpertTask
+from orchestration.replicas import Replica, ReplicaPool
 from orchestration.slots import SlotScheduler
 from orchestration.wire import Completion
-
-
-@dataclass
-class Replica:
-    """One actor of an expert, as the executor sees it."""
-
-    name: str
-    handle: Any
-    in_flight: int = 0
-    idle_since: float = 0.0
-    served: int = 0
-    failures: int = 0  # consecutive failed attempts (reset by a success)
 
 
 @dataclass
@@ -41,44 +32,46 @@ class RayLease:
     replica: str
     target: Replica
     grant: Any
+    # How the attempt ended, for the replica's health: set by `invoke`, or by the runner
+    # on a deadline ("failed"); a lease that ends otherwise was cancelled.
+    outcome: str = "cancelled"
 
 
 class RayDispatcher:
     """Slots from the scheduler, replicas from the pools, calls through Ray."""
 
-    def __init__(self, slots: SlotScheduler, pools: dict[str, dict[str, Replica]],
-                 plan_of: Callable[[str], str], streams: Callable[[str], bool]) -> None:
+    def __init__(self, slots: SlotScheduler, pools: dict[str, ReplicaPool],
+                 plan_of: Callable[[str], str], streams: Callable[[str], bool],
+                 health_changed: Callable[[str], None]) -> None:
         self.slots = slots
         self.pools = pools
+        self._health_changed = health_changed  # the expert's bound may have moved
         self._plan_of = plan_of  # task id -> plan id (the scheduler's per-plan bound)
         self._streams = streams  # task id -> does a caller read its text live?
         self.outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef
-
-    def pick(self, expert: str) -> Replica:
-        """The replica with the fewest tasks in flight (ties: idle the longest)."""
-        pool = self.pools.get(expert)
-        if not pool:
-            raise ExpertUnavailableError(f"{expert}: no replica to dispatch to")
-        return min(pool.values(), key=lambda r: (r.in_flight, r.idle_since))
 
     @asynccontextmanager
     async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[RayLease]:
         grant = await self.slots.acquire(expert, self._plan_of(task.id), task.effective_priority)
         try:
-            replica = self.pick(expert)
-            replica.in_flight += 1
+            pool = self.pools.get(expert)
+            replica = pool.pick(time.monotonic()) if pool is not None else None
+            if pool is None or replica is None:
+                raise ExpertUnavailableError(f"{expert}: no replica to dispatch to")
+            pool.started(replica)
+            lease = RayLease(expert, replica.label, replica, grant)
             try:
-                yield RayLease(expert, replica.name, replica, grant)
+                yield lease
             finally:
-                replica.in_flight -= 1
-                if not replica.in_flight:
-                    replica.idle_since = asyncio.get_running_loop().time()
+                before = replica.health(time.monotonic())
+                pool.finished(replica, time.monotonic(), lease.outcome)
+                if replica.health(time.monotonic()) != before:
+                    self._health_changed(expert)
         finally:
             self.slots.release(grant)
 
     async def invoke(self, lease: RayLease, task: ExpertTask, key: str) -> Completion:
-        replica = lease.target
-        ref = replica.handle.run.remote(task, key, self._streams(task.id))
+        ref = lease.target.handle.run.remote(task, key, self._streams(task.id))
         self.outstanding[key] = ref
         try:
             completion = await ref
@@ -88,10 +81,11 @@ class RayDispatcher:
             ray.cancel(ref)
             raise
         except Exception as exc:  # Ray's errors become ours here, once
-            replica.failures += 1
-            raise translate(exc, expert=lease.expert) from None
+            error = translate(exc, expert=lease.expert)
+            lease.outcome = ("cancelled" if isinstance(error, TaskCancelledError) else
+                             "gone" if isinstance(error, ExpertUnavailableError) else "failed")
+            raise error from None
         finally:
             self.outstanding.pop(key, None)
-        replica.failures = 0
-        replica.served += 1
+        lease.outcome = "ok"
         return completion

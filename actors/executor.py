@@ -21,11 +21,12 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
-from actors.dispatch import RayDispatcher, Replica
+from actors.dispatch import RayDispatcher
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
 from orchestration.errors import QueueFullError
 from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult, TaskStatus
+from orchestration.replicas import ReplicaPool
 from orchestration.scheduling import strategy_concurrency
 from orchestration.slots import SlotScheduler
 from orchestration.task_runner import TaskRun, TaskRunner
@@ -78,15 +79,21 @@ class ExecutorActor:
         namespace = config.server.namespace
         self.config = config
         self.router = ray.get_actor(router, namespace=namespace) if router else None
-        self.pools = {expert: {label: Replica(label, ray.get_actor(name, namespace=namespace))
-                               for label, name in group.items()}
-                      for expert, group in replicas.items()}
-        limits = {e.name: e.max_concurrency * max(1, len(self.pools.get(e.name, {})))
-                  for e in config.experts}
-        self.slots = SlotScheduler(config.executor.max_in_flight, limits)
+        scaling = config.scaling
+        self.pools = {e.name: ReplicaPool(e.name, e.max_concurrency, scaling.cooldown_failures,
+                                          scaling.cooldown_s) for e in config.experts}
+        now = time.monotonic()
+        for expert, group in replicas.items():
+            self.pools[expert].update(
+                {label: (ray.get_actor(name, namespace=namespace), "ready")
+                 for label, name in group.items()}, now)
+        self.slots = SlotScheduler(config.executor.max_in_flight,
+                                   {name: pool.capacity(now) for name, pool in self.pools.items()})
         self.requests: dict[str, RequestRun] = {}
         self._task_runs: dict[str, RequestRun] = {}  # task id -> its request
-        self.dispatcher = RayDispatcher(self.slots, self.pools, self._plan_of, self._streams)
+        self.dispatcher = RayDispatcher(self.slots, self.pools, self._plan_of, self._streams,
+                                        self._refresh_limit)
+        self._cooling_timers: dict[str, asyncio.TimerHandle] = {}
         self.runner = TaskRunner(self.dispatcher, config.executor.retry,
                                  {e.name: e.fallback for e in config.experts}, self._notify)
         self.counters: Counter[str] = Counter()
@@ -133,16 +140,21 @@ class ExecutorActor:
         """Where to publish load (a re-created router)."""
         self.router = router
 
-    def set_replicas(self, expert: str, replicas: dict[str, ActorHandle]) -> None:
-        """The expert's current replicas (after a re-creation), keeping their counters."""
-        pool = self.pools.setdefault(expert, {})
-        for name in [n for n in pool if n not in replicas]:
-            del pool[name]
-        for name, handle in replicas.items():
-            if name in pool:
-                pool[name].handle = handle
-            else:
-                pool[name] = Replica(name, handle)
+    def set_replicas(self, expert: str, members: dict[str, tuple[ActorHandle, str]]) -> None:
+        """The supervisor's view of an expert's replicas: label -> (handle, state), state
+        "ready", "down" (restarting or being re-created) or "draining" (scaled down)."""
+        self.pools[expert].update(members, time.monotonic())
+        self._refresh_limit(expert)
+
+    def pool_stats(self) -> dict[str, Any]:
+        """Per expert: tasks queued and in flight (the autoscaler's input), each replica's
+        health and load, and the draining replicas with nothing left in flight."""
+        now = time.monotonic()
+        return {name: {"queued": self.slots.waiting_per_expert[name],
+                       "in_flight": self.slots.per_expert[name],
+                       "capacity": pool.capacity(now), "replicas": pool.stats(now),
+                       "drained": pool.drained()}
+                for name, pool in self.pools.items()}
 
     def probe(self) -> dict[str, Any]:
         """Readiness: can a slot be granted now, or have slots moved recently?"""
@@ -171,14 +183,26 @@ class ExecutorActor:
             "peak_in_flight": self.slots.peak_in_flight,
             "peak_plan_in_flight": dict(self.slots.peak_by_group),
             "in_flight_per_expert": {k: v for k, v in self.slots.per_expert.items() if v},
-            "replicas": {expert: {r.name: {"in_flight": r.in_flight, "served": r.served,
-                                           "failures": r.failures} for r in pool.values()}
-                         for expert, pool in self.pools.items()},
+            "replicas": {name: pool.stats(time.monotonic()) for name, pool in self.pools.items()},
             "requests": len(self.requests),
             "counters": {**self.counters, **self.runner.counters},
         }
 
     # ------------------------------------------------------------------ plan life
+
+    def _refresh_limit(self, expert: str) -> None:
+        """The expert's bound follows its dispatchable replicas (health, draining,
+        cool-downs); a cool-down's end is a change too, so it gets a timer."""
+        pool, now = self.pools[expert], time.monotonic()
+        self.slots.set_limit(expert, pool.capacity(now))
+        ends = [r.cooling_until for r in pool.replicas.values() if r.cooling_until > now]
+        if ends and expert not in self._cooling_timers:
+            def expired() -> None:
+                del self._cooling_timers[expert]
+                self._refresh_limit(expert)
+
+            self._cooling_timers[expert] = asyncio.get_running_loop().call_later(
+                min(ends) - now + 0.001, expired)
 
     def _plan_of(self, task_id: str) -> str:
         return self._task_runs[task_id].plan.id

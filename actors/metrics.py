@@ -33,6 +33,16 @@ class Metrics:
         self.recreations = Counter(
             "chorus_actor_recreations_total", "Actors Chorus re-created after Ray gave up.",
             tag_keys=("actor",))
+        self.replicas = Gauge(
+            "chorus_replicas", "Replicas per expert by state (ready, starting, draining).",
+            tag_keys=("expert", "state"))
+        self.replica_in_flight = Gauge(
+            "chorus_replica_in_flight", "Tasks in flight on each replica.",
+            tag_keys=("expert", "replica"))
+        self.scaling = Counter(
+            "chorus_scaling_decisions_total",
+            "Scaling changes: up, down, removed (drained), gave_up (not placed in time).",
+            tag_keys=("expert", "direction"))
         self.latency = Histogram(
             "chorus_request_latency_seconds", "Request latency, accepted to terminal event.",
             boundaries=_LATENCY_BUCKETS, tag_keys=("route",),

@@ -61,6 +61,13 @@ class Supervisor:
         if self._task is not None:
             self._task.cancel()
 
+    def watch(self, label: str, expert: str) -> None:
+        """Supervise a new replica (a scale-up), starting."""
+        self.lives[label] = ActorLife(label, "expert", expert, Life.STARTING, time.monotonic())
+
+    def forget(self, label: str) -> None:
+        self.lives.pop(label, None)
+
     def states(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         return {label: life.to_dict(now) for label, life in self.lives.items()}
@@ -85,6 +92,14 @@ class Supervisor:
         return self.team.router if life.role == "router" else self.team.executor
 
     async def _check(self, life: ActorLife) -> None:
+        before = life.state
+        try:
+            await self._observe(life)
+        finally:
+            if life.role == "expert" and life.state is not before and life.expert is not None:
+                self.team.publish(life.expert)  # the executor dispatches on these states
+
+    async def _observe(self, life: ActorLife) -> None:
         now = time.monotonic()
         if life.state is Life.DEAD:
             if life.retry_at is not None and now >= life.retry_at:
@@ -132,8 +147,7 @@ class Supervisor:
         if life.role == "expert":
             assert life.expert is not None
             team.create_replica(team.config.expert(life.expert), life.label, incarnation)
-            if team.executor is not None:
-                team.executor.set_replicas.remote(life.expert, team.replicas[life.expert])
+            team.publish(life.expert)
         elif life.role == "router":
             team.create_router(incarnation)
             if team.executor is not None:
@@ -145,8 +159,8 @@ class Supervisor:
         team = self.team
         if team.executor is None:
             return
-        for expert, group in team.replicas.items():
-            team.executor.set_replicas.remote(expert, group)
+        for expert in team.replicas:
+            team.publish(expert)
         if team.router is not None:
             team.executor.set_router.remote(team.router)
 

@@ -19,6 +19,7 @@ from actors.executor import ExecutorActor
 from actors.expert import ExpertActor
 from actors.placement import missing_resources
 from actors.router import RouterActor
+from actors.scaler import Scaler
 from actors.supervisor import Supervisor, ray_state
 from orchestration.config import ChorusConfig, ExpertConfig
 from orchestration.errors import (
@@ -45,9 +46,12 @@ class Team:
         self.namespace = config.server.namespace
         self.replicas: dict[str, dict[str, ActorHandle]] = {}  # expert -> label -> handle
         self.names: dict[str, str] = {}  # label ("general#0", "router") -> actor name
+        self.draining: set[str] = set()  # replicas being scaled down
+        self.pending: dict[str, float] = {}  # scale-ups not ready yet: label -> created at
         self.executor: ActorHandle | None = None
         self.router: ActorHandle | None = None
         self.supervisor: Supervisor | None = None
+        self.scaler: Scaler | None = None
 
     @property
     def experts(self) -> dict[str, ActorHandle]:
@@ -86,6 +90,37 @@ class Team:
         self.replicas.setdefault(expert.name, {})[label] = handle
         return handle
 
+    def remove_replica(self, expert: str, label: str) -> None:
+        """Kill a replica that drained or was given up, and forget it everywhere."""
+        handle = self.replicas.get(expert, {}).pop(label, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        self.names.pop(label, None)
+        self.draining.discard(label)
+        self.pending.pop(label, None)
+        if self.supervisor is not None:
+            self.supervisor.forget(label)
+
+    def members(self, expert: str) -> dict[str, tuple[ActorHandle, str]]:
+        """The replicas the executor dispatches to, and their state: "ready", "down"
+        (restarting or re-created, not answering yet) or "draining". A scale-up joins
+        only once it answered `ready`."""
+        lives = self.supervisor.lives if self.supervisor is not None else {}
+        members = {}
+        for label, handle in self.replicas.get(expert, {}).items():
+            if label in self.pending:
+                continue
+            life = lives.get(label)
+            state = ("draining" if label in self.draining else
+                     "ready" if life is None or life.state.value == "ready" else "down")
+            members[label] = (handle, state)
+        return members
+
+    def publish(self, expert: str) -> None:
+        """Tell the executor the expert's current members."""
+        if self.executor is not None:
+            self.executor.set_replicas.remote(expert, self.members(expert))
+
     def create_router(self, incarnation: str = "") -> ActorHandle:
         self.names["router"] = self.actor_name(f"router{incarnation}")
         self.router = RouterActor.options(
@@ -112,7 +147,8 @@ class Team:
         """Create (or attach to) the team's actors and wait until every one is ready."""
         team = cls(config, name)
         for expert in config.experts:
-            team.create_replica(expert, replica_label(expert.name, 0))
+            for index in range(expert.replicas.initial or expert.replicas.min):
+                team.create_replica(expert, replica_label(expert.name, index))
         # A crashed control actor comes back for the next requests (its in-flight streams
         # end with an `error` event); its state is per-request, so nothing else is lost.
         team.create_router()
@@ -125,6 +161,9 @@ class Team:
         if supervise:
             team.supervisor = Supervisor(team)
             team.supervisor.start()
+            if any(e.replicas.max > e.replicas.min for e in config.experts):
+                team.scaler = Scaler(team)
+                team.scaler.start()
         return team
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -218,34 +257,42 @@ class Team:
     async def stats(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
         """Executor, router and per-replica stats; a replica that does not answer says why."""
         assert self.executor is not None and self.router is not None
-        labels = [(expert, label) for expert, group in self.replicas.items() for label in group]
+        # A snapshot: replicas may come and go (scaling) while the answers arrive.
+        handles = [(expert, label, handle) for expert, group in self.replicas.items()
+                   for label, handle in group.items()]
+        labels = [(expert, label) for expert, label, _ in handles]
         answers = await asyncio.gather(
-            *(asyncio.wait_for(self.replicas[e][label].stats.remote(), timeout_s)
-              for e, label in labels),
+            *(asyncio.wait_for(handle.stats.remote(), timeout_s) for _, _, handle in handles),
             asyncio.wait_for(self.executor.stats.remote(), timeout_s),
             asyncio.wait_for(self.router.stats.remote(), timeout_s),
             return_exceptions=True)
         lives = self.supervisor.states() if self.supervisor else {}
         restarts = await asyncio.to_thread(
-            lambda: [ray_state(self.replicas[e][label])[1] for e, label in labels])
+            lambda: [ray_state(handle)[1] for _, _, handle in handles])
+        executor = _describe(answers[-2], timeout_s)
+        views = executor.get("replicas", {})  # the executor's view: health, load
         experts: dict[str, Any] = {}
         for (expert, label), answer, ray_restarts in zip(labels, answers, restarts, strict=False):
-            replica = {**_describe(answer, timeout_s), "ray_restarts": ray_restarts}
-            if label in lives:
-                replica["supervision"] = lives[label]
-            entry = experts.setdefault(expert, {"replicas": {}})
-            entry["replicas"][label] = replica
-        for entry in experts.values():
-            first = next(iter(entry["replicas"].values()))
-            entry.update({k: v for k, v in first.items() if k != "supervision"})
-            entry["state"] = lives.get(next(iter(entry["replicas"])), {}).get("status")
+            replica = {**_describe(answer, timeout_s), "ray_restarts": ray_restarts,
+                       "dispatch": views.get(expert, {}).get(label),
+                       "supervision": lives.get(label)}
+            experts.setdefault(expert, {"replicas": {}})["replicas"][label] = replica
+        for expert, entry in experts.items():
+            first_label, first = next(iter(entry["replicas"].items()))
+            entry.update({k: v for k, v in first.items()
+                          if k not in ("supervision", "dispatch")})
+            entry["state"] = (lives.get(first_label) or {}).get("status")
+            if self.scaler is not None:
+                entry["scaling"] = self.scaler.describe(expert)
         return {"router": {**_describe(answers[-1], timeout_s), "supervision": lives.get("router")},
-                "executor": {**_describe(answers[-2], timeout_s),
-                             "supervision": lives.get("executor")},
+                "executor": {**executor, "supervision": lives.get("executor")},
                 "experts": experts}
 
     def shutdown(self) -> None:
         """Stop supervising and kill every actor of the team (no restarts)."""
+        if self.scaler is not None:
+            self.scaler.stop()
+            self.scaler = None
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None

@@ -141,14 +141,18 @@ async def chorus_target(expert: ExpertConfig, args: argparse.Namespace) -> Async
         "experts": [solo], "router": config.router.model_copy(update={"primary": solo.name})})
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         async with Client.local(team) as client:
 
             async def generate(prompt: str) -> str:
-                result = await client.run(prompt, experts=[], temperature=0.0,
-                                          max_tokens=args.max_tokens)
-                return result.primary.result or ""
+                # Streamed, as a caller reading the answer live gets it: the token path.
+                text = ""
+                async for event in client.stream(prompt, experts=[], temperature=0.0,
+                                                 max_tokens=args.max_tokens):
+                    if event.type == "primary":
+                        text += event.delta
+                return text
 
             yield generate
     finally:

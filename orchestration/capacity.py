@@ -7,6 +7,8 @@ resource instead of a scheduler's traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from orchestration.config import ChorusConfig, ExpertConfig
 
 
@@ -20,14 +22,22 @@ def wanted_resources(expert: ExpertConfig) -> dict[str, float]:
     return {key: need for key, need in wanted.items() if need}
 
 
-def placement_problems(config: ChorusConfig, nodes: list[dict[str, float]]) -> list[str]:
+def initial_replicas(expert: ExpertConfig) -> int:
+    return expert.replicas.initial or expert.replicas.min
+
+
+def placement_problems(config: ChorusConfig, nodes: list[dict[str, float]],
+                       replicas: Callable[[ExpertConfig], int] = initial_replicas) -> list[str]:
     """Why the team cannot be placed on `nodes` (each a map of resource -> amount); [] if it can.
+
+    `replicas` says how many replicas of each expert to place (default: the initial
+    count; `lambda e: e.replicas.max` checks the team at its largest).
 
     Each replica must fit on one node; then every replica must fit at once (first fit,
     biggest first). Control actors reserve only what their `resources` ask.
     """
     problems = []
-    replicas: list[tuple[str, dict[str, float]]] = []
+    wanted: list[tuple[str, dict[str, float]]] = []
     for expert in config.experts:
         need = wanted_resources(expert)
         short = [f"{key}={amount:g} (largest node has "
@@ -36,27 +46,22 @@ def placement_problems(config: ChorusConfig, nodes: list[dict[str, float]]) -> l
                  if not any(node.get(key, 0) >= amount for node in nodes)]
         if short:
             problems.append(f"expert {expert.name!r} needs {', '.join(short)}")
-        replicas += [(expert.name, need)] * _replicas(expert)
+        wanted += [(expert.name, need)] * replicas(expert)
     if problems:
         return problems
     free = [dict(node) for node in nodes]
-    for name, need in sorted(replicas, key=lambda r: -sum(r[1].values())):
+    for name, need in sorted(wanted, key=lambda r: -sum(r[1].values())):
         node = next((n for n in free if all(n.get(k, 0) >= v for k, v in need.items())), None)
         if node is None:
             totals = {k: sum(n.get(k, 0) for n in nodes) for k in need}
-            wanted = {k: sum(r[1].get(k, 0) for r in replicas) for k in need}
+            needed = {k: sum(r[1].get(k, 0) for r in wanted) for k in need}
             problems.append(
-                f"the team needs {_fmt(wanted)} in all; the nodes have {_fmt(totals)} "
+                f"the team needs {_fmt(needed)} in all; the nodes have {_fmt(totals)} "
                 f"(expert {name!r} is the first that does not fit)")
             break
         for key, amount in need.items():
             node[key] -= amount
     return problems
-
-
-def _replicas(expert: ExpertConfig) -> int:
-    replicas = getattr(expert, "replicas", None)
-    return getattr(replicas, "initial", 1) if replicas is not None else 1
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -267,9 +267,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.message, file=sys.stderr)
         return 2
-    gpus = sum(e.resources.num_gpus for e in config.experts)
+    low = sum(e.resources.num_gpus * e.replicas.min for e in config.experts)
+    high = sum(e.resources.num_gpus * e.replicas.max for e in config.experts)
+    gpus = f"{low:g} GPUs" if low == high else f"{low:g} to {high:g} GPUs (replicas min to max)"
     print(f"ok: {len(config.experts)} experts ({', '.join(config.expert_names)}), "
-          f"{gpus:g} GPUs in all, primary {config.router.primary}, fusion {config.fusion.strategy}")
+          f"{gpus}, primary {config.router.primary}, fusion {config.fusion.strategy}")
     where, nodes = _visible_nodes(args.address)
     for problem in placement_problems(config, nodes):
         print(f"warning: {where} could not hold the team: {problem}", file=sys.stderr)

@@ -67,6 +67,41 @@ class MockOptions(_Section):
     inject_chunk: NonNegInt = 0
 
 
+class ReplicasConfig(_Section):
+    """How many actors serve one expert, and how the number follows the load."""
+
+    min: PositiveInt = 1
+    max: PositiveInt = 1
+    initial: PositiveInt | None = None  # default: min
+    # Desired replicas = ceil((queued + in-flight tasks) / target_per_replica); default:
+    # the expert's max_concurrency (a replica per full set of slots).
+    target_per_replica: PositiveFloat | None = None
+    upscale_delay_s: NonNegFloat = 10.0
+    downscale_delay_s: NonNegFloat = 60.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicasConfig:
+        if self.initial is None:
+            self.initial = self.min
+        if not self.min <= self.initial <= self.max:
+            raise ValueError(f"need min <= initial <= max (got {self.min}, {self.initial}, "
+                             f"{self.max})")
+        return self
+
+
+class ScalingConfig(_Section):
+    """The autoscaling loop and the executor's replica cool-downs (docs/scaling.md)."""
+
+    interval_s: PositiveFloat = 1.0
+    # A new replica not ready within this time (cannot be placed, engine stuck) is given
+    # up and reported; scale-ups of that expert pause for `placement_backoff_s`.
+    placement_timeout_s: PositiveFloat = 300.0
+    placement_backoff_s: NonNegFloat = 60.0
+    # A replica failing this many attempts in a row leaves dispatch for `cooldown_s`.
+    cooldown_failures: PositiveInt = 3
+    cooldown_s: NonNegFloat = 30.0
+
+
 class ExpertConfig(_Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]
     backend: Literal["mock", "vllm"] = "mock"
@@ -79,7 +114,8 @@ class ExpertConfig(_Section):
     # Overrides `router.score_threshold` for this expert.
     score_threshold: Score | None = None
     priority: Literal["high", "normal"] = "normal"
-    max_concurrency: PositiveInt = 4
+    max_concurrency: PositiveInt = 4  # per replica
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
     max_restarts: Annotated[int, Field(ge=-1)] = 3
     fallback: str | None = None
     num_gpus: NonNegFloat | None = None
@@ -102,6 +138,8 @@ class ExpertConfig(_Section):
         elif self.backend == "vllm" and "num_gpus" not in self.resources.model_fields_set:
             self.resources.num_gpus = 1
         self.num_gpus = self.resources.num_gpus
+        if self.replicas.target_per_replica is None:
+            self.replicas.target_per_replica = float(self.max_concurrency)
         return self
 
     def actor_options(self) -> dict[str, Any]:
@@ -257,6 +295,7 @@ class ChorusConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
 
     @model_validator(mode="after")
     def _references(self) -> ChorusConfig:

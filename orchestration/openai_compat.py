@@ -252,7 +252,8 @@ def _renamed(exc: BadRequestError, prompt_field: str) -> BadRequestError:
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                404: "not_found_error", 405: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error",
                 503: "service_unavailable", 504: "timeout_error"}
 
 

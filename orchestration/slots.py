@@ -69,6 +69,7 @@ class SlotScheduler:
         self.total = 0
         self.per_expert: Counter[str] = Counter()
         self.per_plan: Counter[str] = Counter()
+        self.waiting_per_expert: Counter[str] = Counter()
         self.peak_in_flight = 0
         # Highest in-flight count any one plan reached, per group (the plan's strategy).
         self.peak_by_group: Counter[str] = Counter()
@@ -125,6 +126,7 @@ class SlotScheduler:
         grant = Grant(expert, plan_id, priority, next(self._seq))
         grant.future = asyncio.get_running_loop().create_future()
         self._waiting += 1
+        self.waiting_per_expert[expert] += 1
         self._live.setdefault(plan_id, set()).add(grant)
         heapq.heappush(self._heaps.setdefault(expert, []), grant)
         self._pump()
@@ -176,6 +178,7 @@ class SlotScheduler:
         if grant.state is WaiterState.WAITING:
             grant.state = WaiterState.WITHDRAWN
             self._waiting -= 1
+            self.waiting_per_expert[grant.expert] -= 1
             self._forget(grant)
             if grant.future is not None and not grant.future.done():
                 grant.future.cancel()
@@ -207,6 +210,7 @@ class SlotScheduler:
                 continue
             head.state = WaiterState.GRANTED
             self._waiting -= 1
+            self.waiting_per_expert[head.expert] -= 1
             self.total += 1
             self.per_expert[head.expert] += 1
             self.per_plan[head.plan_id] += 1

@@ -42,6 +42,7 @@ class Lease(Protocol):
 
     expert: str
     replica: str
+    outcome: str  # how the attempt ended, for the replica's health ("failed" on a deadline)
 
 
 class Dispatcher(Protocol):
@@ -172,6 +173,7 @@ class TaskRunner:
                 async with asyncio.timeout(task.timeout_s):
                     return await self.dispatcher.invoke(lease, attempt_task, key)
             except TimeoutError:
+                lease.outcome = "failed"  # a replica that misses deadlines is not healthy
                 raise TaskTimeoutError(
                     f"{expert}: no complete answer within {task.timeout_s:g}s "
                     f"(attempt {state.attempts})") from None

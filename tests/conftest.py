@@ -1,15 +1,23 @@
-"""Shared fixtures: one local Ray instance per session, config builders, polling."""
+"""Shared fixtures: one local Ray instance per session, Serve per module, config builders,
+polling."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -70,3 +78,54 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(**RAY_INIT)
     yield ray
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+
+@pytest.fixture(scope="module")
+def serve_port():
+    import ray
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    assert ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_port: int):
+    """`serve run serve_app:app` in a subprocess, attached to this session's Ray."""
+    import ray
+
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = {k: v for k, v in os.environ.items() if k not in ("CHORUS_CONFIG", "CHORUS_API_KEY")}
+    proc = subprocess.Popen(
+        [str(serve_cli), "run", "--address", ray.get_runtime_context().gcs_address,
+         "--name", "chorus", "serve_app:app"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # Drained all along: a full pipe would block `serve run` (it relays the actors' logs).
+    tail: deque[str] = deque(maxlen=200)
+    threading.Thread(target=lambda: tail.extend(proc.stdout), daemon=True).start()
+    url = f"http://127.0.0.1:{serve_port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "".join(tail)
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "serve run did not come up in 120 s"
+        time.sleep(0.5)  # polling an external process: nothing to await
+    yield url, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

@@ -19,7 +19,7 @@ from ray.cluster_utils import Cluster
 
 from actors.team import Team
 from orchestration.client import Client
-from orchestration.config import ChorusConfig
+from orchestration.config import ChorusConfig, ReplicasConfig, ScalingConfig
 from orchestration.errors import PlacementError
 from orchestration.models import DoneEvent, ErrorEvent, ExpertEvent
 from tests.conftest import RAY_INIT, config_dict, make_config, until
@@ -56,6 +56,59 @@ def _gpu_team(experts: list[str], **mock: Any) -> ChorusConfig:
 
 def _node_ids(nodes) -> set[str]:
     return {node.node_id for node in nodes}
+
+
+async def test_an_expert_scales_out_on_gpu_nodes_under_load_and_back_when_idle(cluster) -> None:
+    """min 1, max 5 on four GPUs: grows to 4 placed replicas, the 5th is given up and
+    reported, no request fails, then it drains back to 1."""
+    sim, workers = cluster
+    config = _gpu_team(["general"], tokens=10, token_latency_s=0.05, ttft_s=0.05)
+    general = config.expert("general").model_copy(update={
+        "max_concurrency": 2,
+        "replicas": ReplicasConfig(min=1, max=5, target_per_replica=2, upscale_delay_s=0.3,
+                                   downscale_delay_s=1.5)})
+    config = config.model_copy(update={
+        "experts": [general],
+        "scaling": ScalingConfig(interval_s=0.2, placement_timeout_s=4,
+                                 placement_backoff_s=600)})
+    async with Client.local(config) as client:
+        stop = asyncio.Event()
+        outcomes: list[bool] = []
+
+        async def caller(i: int) -> None:
+            while not stop.is_set():
+                result = await client.run(f"busy {i}", primary="general", experts=[])
+                outcomes.append(result.primary.ok)
+
+        callers = [asyncio.ensure_future(caller(i)) for i in range(16)]
+
+        async def scaling() -> dict[str, Any]:
+            return (await client.stats())["experts"]["general"]
+
+        async def grown() -> bool:
+            state = (await scaling())["scaling"]
+            gave_up = [h for h in state["history"] if h["direction"] == "gave_up"]
+            return state["ready"] == 4 and bool(gave_up)
+
+        await until(grown, timeout=90, what="4 ready replicas and the 5th given up")
+        at_peak = await scaling()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*callers), timeout=60)
+
+        async def shrunk() -> bool:
+            state = (await scaling())["scaling"]
+            return (state["ready"], state["draining"], state["starting"]) == (1, 0, 0)
+
+        await until(shrunk, timeout=90, what="back to one replica")
+        after = await scaling()
+    gpu_nodes = {w.node_id for w in workers}
+    ready = {label: r for label, r in at_peak["replicas"].items() if "node_id" in r}
+    assert len(ready) == 4 and {r["node_id"] for r in ready.values()} <= gpu_nodes
+    gave_up = [h for h in at_peak["scaling"]["history"] if h["direction"] == "gave_up"][0]
+    assert "GPU=1" in gave_up["reason"] and "not ready within 4s" in gave_up["reason"]
+    assert outcomes and all(outcomes), "a request failed while scaling"
+    directions = [h["direction"] for h in after["scaling"]["history"]]
+    assert directions.count("removed") >= 3 and len(after["replicas"]) == 1
 
 
 async def test_experts_land_on_gpu_nodes_control_plane_on_the_head(cluster, tmp_path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestration.capacity import placement_problems
 from orchestration.config import ChorusConfig, ExpertConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,26 +173,30 @@ def test_each_expert_fits_a_gpu_worker_type(
     assert fitting, f"expert {name!r} asks for {demand}; no worker type offers it: {offered}"
 
 
-def test_team_packs_onto_the_cluster_at_max_workers(
-    cluster: dict[str, Any], team: ChorusConfig, workers: dict[str, dict[str, Any]]
-) -> None:
-    # Every node the autoscaler may start, then first-fit decreasing by GPUs: a rough
-    # stand-in for Ray's scheduler that catches a team bigger than the cluster can ever be.
+def _nodes(cluster: dict[str, Any], workers: dict[str, dict[str, Any]],
+           key: str) -> list[dict[str, float]]:
+    """The GPU worker nodes the autoscaler keeps at `min_workers` or may start at `max_workers`."""
     budget = cluster.get("max_workers", 0)
     nodes: list[dict[str, float]] = []
     for node_type in workers.values():
-        count = min(node_type.get("max_workers", budget), budget - len(nodes))
+        count = min(node_type.get(key, 0 if key == "min_workers" else budget),
+                    budget - len(nodes))
         nodes += [dict(node_type["resources"]) for _ in range(max(count, 0))]
-    unplaced = []
-    for expert in sorted(team.experts, key=lambda e: e.num_gpus or 0, reverse=True):
-        demand = _expert_request(expert)
-        node = next((n for n in nodes if _fits(demand, n)), None)
-        if node is None:
-            unplaced.append(expert.name)
-            continue
-        for resource, amount in demand.items():
-            node[resource] = node.get(resource, 0) - amount
-    assert not unplaced, f"no room at max_workers={budget} for experts {unplaced}"
+    return nodes
+
+
+def test_team_fits_min_workers_at_min_replicas_and_max_workers_at_max_replicas(
+    cluster: dict[str, Any], team: ChorusConfig, workers: dict[str, dict[str, Any]]
+) -> None:
+    # The same check `chorus serve` makes before deploying (orchestration/capacity.py).
+    smallest = placement_problems(team, _nodes(cluster, workers, "min_workers"),
+                                  lambda e: e.replicas.min)
+    largest = placement_problems(team, _nodes(cluster, workers, "max_workers"),
+                                 lambda e: e.replicas.max)
+    assert smallest == [] and largest == []
+    gpus = {n: sum(e.num_gpus * getattr(e.replicas, n) for e in team.experts)
+            for n in ("min", "max")}
+    assert gpus == {"min": 4, "max": 7}  # what docs/cluster.md promises
 
 
 def _check_parallelism(expert: ExpertConfig) -> None:

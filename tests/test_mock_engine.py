@@ -84,3 +84,14 @@ async def test_hang_ends_only_when_cancelled_and_is_counted() -> None:
         await job
     stats = await engine.stats()
     assert stats["cancelled"] == 1 and stats["active"] == 0
+
+
+async def test_history_keeps_only_the_latest_requests() -> None:
+    from actors.engines.mock import HISTORY
+
+    engine = MockEngine("code", MockOptions(ttft_s=0, token_latency_s=0, tokens=1))
+    for n in range(HISTORY + 10):
+        await _text(engine, _request(n))
+    assert (await engine.stats())["requests"] == HISTORY + 10  # counters count everything
+    assert [rid for rid, _ in engine.history()] == [f"r{n}" for n in range(10, HISTORY + 10)]
+    assert "seen" not in await engine.stats()  # /v1/stats stays the same size

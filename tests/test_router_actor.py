@@ -35,7 +35,17 @@ async def test_the_router_restarts_with_its_model_loaded() -> None:
             return plan.primary.expert == "code"
 
         await until(planned_again, timeout=60, what="the restarted router planning again")
-        after = await router.stats.remote()
+        stats: list[dict] = []
+
+        async def answered() -> bool:
+            try:
+                stats.append(await router.stats.remote())
+            except ray.exceptions.RayActorError:  # a call that met the restart: ask again
+                return False
+            return True
+
+        await until(answered, timeout=30, what="the restarted router's stats")
+        after = stats[0]
         assert after["pid"] != before["pid"]
         assert after["routes"] == before["routes"] and after["plans"] == 1
         assert after["latency_ms_p50"] is not None

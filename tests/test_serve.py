@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +21,7 @@ import yaml
 
 from orchestration.cli import iter_sse
 from orchestration.client import Client
-from tests.conftest import ROOT, config_dict, until
+from tests.conftest import config_dict, until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 KEY = "test-key-123"
@@ -33,58 +29,11 @@ SECRET = "sk-ABCDEFGHIJKLMNOPQRSTUVWX1234"
 LEAK = f" <think>internal plan: never show</think> use {SECRET} please"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _chorus_actors(prefix: str) -> list[str]:
     import ray
 
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)]
-
-
-@pytest.fixture(scope="module")
-def serve_port():
-    import ray
-    from ray import serve
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    assert ray.is_initialized()
-
-
-@pytest.fixture(scope="module")
-def base_url(serve_port: int):
-    """`serve run serve_app:app` in a subprocess, attached to this session's Ray."""
-    import ray
-
-    serve_cli = Path(sys.executable).parent / "serve"
-    env = {k: v for k, v in os.environ.items() if k not in ("CHORUS_CONFIG", "CHORUS_API_KEY")}
-    proc = subprocess.Popen(
-        [str(serve_cli), "run", "--address", ray.get_runtime_context().gcs_address,
-         "--name", "chorus", "serve_app:app"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{serve_port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "serve run did not come up in 120 s"
-        time.sleep(0.5)  # polling an external process: nothing to await
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +47,7 @@ def guarded(serve_port: int, tmp_path_factory) -> str:
         # Slower than the stream's hold time, so the 4-character pieces of the leak
         # travel in separate deltas and the secret spans several of them.
         "general": {"mock": {"inject": LEAK, "inject_chunk": 4, "tokens": 6,
-                             "token_latency_s": 0.05}},
+                             "token_latency_s": 0.15}},
         "code": {"mock": {"ttft_s": 0.4, "tokens": 3}},
         "math": {"mock": {"tokens": 400, "token_latency_s": 0.05}},
         "critic": {"mock": {"ttft_s": 20}},
@@ -260,8 +209,9 @@ def test_guard_hides_secrets_and_reasoning_streamed_or_not(guarded: str) -> None
     auth = {"Authorization": f"Bearer {KEY}"}
     events = _sse(guarded, {"prompt": "hello", "primary": "general"}, auth)
     deltas = [data["delta"] for kind, data in events if kind == "primary"]
-    # The mock sends the leak in 4-character pieces: the key spans several deltas.
-    assert len(deltas) > 10
+    # The mock sends the leak in 4-character pieces, 0.15 s apart (three times the
+    # stream's hold): the key spans several deltas, however busy the machine.
+    assert len(deltas) >= 4
     raw = json.dumps(events)
     for secret in (SECRET, "sk-ABCD", "internal plan", "<think>"):
         assert secret not in raw

@@ -193,6 +193,8 @@ class SlotMachine(RuleBasedStateMachine):
         for expert in EXPERTS:
             n = sum(1 for g in granted if g.expert == expert)
             assert self.slots.per_expert[expert] == n >= 0
+            queued = sum(1 for g in waiting if g.expert == expert)
+            assert self.slots.waiting_per_expert[expert] == queued
         for plan in {g.plan_id for g in live}:
             assert self.slots.per_plan[plan] == sum(1 for g in granted if g.plan_id == plan)
 
