@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,14 +38,17 @@ from orchestration.errors import (
 from orchestration.http_input import correlation_id, parse_body
 from orchestration.models import OrchestrateRequest, new_id
 from orchestration.openai_compat import (
+    PRIORITY_HEADER,
     TEAM_MODEL,
     ChatCompletionRequest,
-    CompletionIds,
+    CompletionRequest,
     error_body,
     error_from,
+    request_priority,
     to_orchestrate,
-    usage,
 )
+from orchestration.openai_output import Shape
+from orchestration.openai_output import stream as openai_stream
 from orchestration.telemetry import RequestWindow
 from orchestration.web import page_options, pages
 
@@ -55,7 +58,7 @@ api.include_router(pages)  # the playground at `/`, the operations view at `/ops
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ID_HEADER = "X-Chorus-Request-Id"  # the server-unique id; X-Request-ID is the caller's label
 # Metric tag `route`: the route template for HTTP, `handle` for Python handle calls.
-ORCHESTRATE, CHAT = "/v1/orchestrate", "/v1/chat/completions"
+ORCHESTRATE, CHAT, COMPLETIONS = "/v1/orchestrate", "/v1/chat/completions", "/v1/completions"
 
 
 def _route(request: Request) -> str:
@@ -172,10 +175,12 @@ class ChorusIngress:
 
     def _bounds(self, req: OrchestrateRequest) -> None:
         limits = self.config.server
-        if len(req.prompt) > limits.max_prompt_chars:
+        field = "messages" if req.messages else "prompt"
+        size = sum(len(m.content) for m in req.messages) if req.messages else len(req.prompt)
+        if size > limits.max_prompt_chars:
             raise BadRequestError(
-                f"prompt: too long ({len(req.prompt)} characters, at most {limits.max_prompt_chars})",
-                field="prompt")
+                f"{field}: too long ({size} characters, at most {limits.max_prompt_chars})",
+                field=field)
         if req.max_tokens is not None and req.max_tokens > limits.max_tokens_limit:
             raise BadRequestError(
                 f"max_tokens: {req.max_tokens} is above the limit of {limits.max_tokens_limit}",
@@ -207,7 +212,7 @@ class ChorusIngress:
                                      headers={**SSE_HEADERS, **headers})
         final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
         if final.type == "error":
-            return JSONResponse(error_body(final.status, final.code, final.message),
+            return JSONResponse(error_body(final.status, final.code, final.message, final.param),
                                 status_code=final.status, headers=headers)
         return JSONResponse({
             "id": rid, "correlation_id": req.correlation_id,
@@ -219,23 +224,34 @@ class ChorusIngress:
 
     @api.post(CHAT)
     async def chat_completions(self, request: Request) -> Any:
+        return await self._openai(request, ChatCompletionRequest, "chat")
+
+    @api.post(COMPLETIONS)
+    async def completions(self, request: Request) -> Any:
+        return await self._openai(request, CompletionRequest, "text")
+
+    async def _openai(self, request: Request, model: Any, kind: Literal["chat", "text"]) -> Any:
+        """An OpenAI chat or legacy completion: translate, run, shape (docs/openai.md)."""
         rid = self._admit(request)
-        chat = ChatCompletionRequest.parse(await self._body(request))
-        req = to_orchestrate(chat, self.team.config.expert_names, rid)
+        body = model.parse(await self._body(request))
+        priority = request_priority(body.priority, request.headers.get(PRIORITY_HEADER))
+        fusion = self.config.fusion.strategy
+        req = to_orchestrate(body, self.team.config.expert_names, rid, priority, fusion)
         req = req.model_copy(update={"correlation_id": request.state.correlation_id})
-        first, events = await self._start(req, live=chat.stream)
-        ids = CompletionIds(chat.model, rid)
-        if chat.stream:
-            include = bool(chat.stream_options and chat.stream_options.include_usage)
-            chunks = self._chat_chunks(first, events, ids, include)
+        # Tool calls are read from the whole answer: nothing to stream before it ends.
+        first, events = await self._start(req, live=body.stream and not req.sampling.calls_tools)
+        shape, route = Shape(body.model, rid, kind), _route(request)
+        if body.stream:
+            synthesizing = fusion == "synthesize" and bool(first.plan.experts)
+            chunks = openai_stream(self._timed(first, events, route), shape, fusion,
+                                   synthesizing, body.include_usage)
             return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={**SSE_HEADERS, ID_HEADER: rid})
-        final = [event async for event in self._timed(first, events, CHAT)][-1]
+        final = [event async for event in self._timed(first, events, route)][-1]
         if final.type == "error":
-            return JSONResponse(error_body(final.status, final.code, final.message),
-                                status_code=final.status)
-        return JSONResponse(ids.completion(final.content, usage(final.primary)),
-                            headers={ID_HEADER: rid})
+            return JSONResponse(error_body(final.status, final.code, final.message, final.param),
+                                status_code=final.status, headers={ID_HEADER: rid})
+        return JSONResponse(shape.completion(final, fusion), headers={ID_HEADER: rid})
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -308,32 +324,6 @@ class ChorusIngress:
     async def _relay(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[str]:
         async for event in self._timed(first, events, route):
             yield _sse(event.type, event.model_dump(mode="json"))
-
-    async def _chat_chunks(self, first: Any, events: AsyncIterator[Any], ids: CompletionIds,
-                           include_usage: bool) -> AsyncIterator[str]:
-        # With synthesis the answer is the synthesizer's: stream that, not the primary's.
-        synthesizing = self.config.fusion.strategy == "synthesize" and bool(first.plan.experts)
-        text_events = "fusion_delta" if synthesizing else "primary"
-        sent = ""
-        yield f"data: {json.dumps(ids.chunk({'role': 'assistant', 'content': ''}))}\n\n"
-        async for event in self._timed(first, events, CHAT):
-            piece = ""
-            if event.type == text_events:
-                piece = event.delta
-            elif event.type == "fusion":
-                # `append` adds the experts' section after the primary's text.
-                piece = event.content[len(sent):] if event.content.startswith(sent) else ""
-            elif event.type == "error":
-                yield f"data: {json.dumps(error_body(event.status, event.code, event.message))}\n\n"
-            elif event.type == "done":
-                reason = (event.primary.finish_reason if event.primary else None) or "stop"
-                yield f"data: {json.dumps(ids.chunk({}, finish_reason=reason))}\n\n"
-                if include_usage and event.primary is not None:
-                    yield f"data: {json.dumps(ids.chunk(None, usage_=usage(event.primary)))}\n\n"
-            if piece:
-                sent += piece
-                yield f"data: {json.dumps(ids.chunk({'content': piece}))}\n\n"
-        yield "data: [DONE]\n\n"
 
 
 def _resolve(path: str) -> str:

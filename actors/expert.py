@@ -19,24 +19,48 @@ from typing import Any
 
 import ray
 
-from actors.engines import Engine, GenerationRequest, make_engine
+from actors.engines import Delta, Engine, GenerationRequest, make_engine, tool_calls
 from orchestration.coalesce import Channels
 from orchestration.config import ExpertConfig, StreamConfig
+from orchestration.generation import Message, chat_turns
 from orchestration.models import ExpertTask
 from orchestration.wire import Completion
 
 
 def _request(task: ExpertTask, key: str) -> GenerationRequest:
+    if task.raw:
+        conversation: dict[str, Any] = {"prompt": task.prompt}
+    else:
+        turns = task.messages or [Message(role="user", content=task.prompt)]
+        conversation = {"messages": chat_turns(task.system_prompt, turns)}
     return GenerationRequest(
         request_id=key,
         sampling_key=task.id,
-        prompt=task.prompt,
-        system_prompt=task.system_prompt,
+        **conversation,
         max_tokens=task.max_tokens,
         temperature=task.temperature,
         seed=task.seed,
+        sampling=task.sampling,
         priority=task.effective_priority,
     )
+
+
+class _Choice:
+    """One choice's text, tokens and logprobs as they come."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[str, Any]] | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.parts.append(delta.text)
+        self.tokens += delta.tokens
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
 
 
 @ray.remote
@@ -60,8 +84,12 @@ class ExpertActor:
         # Started lazily (and once) so that a restarted actor warms its engine up again
         # on its first call without anyone having to remember to call `ready()`.
         if self._started is None:
-            self._started = asyncio.ensure_future(self.engine.start())
+            self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        tool_calls.check_parser(self.config)
+        await self.engine.start()
 
     async def ready(self) -> dict[str, Any]:
         await self._ensure_started()
@@ -76,25 +104,41 @@ class ExpertActor:
         loop = asyncio.get_running_loop()
         began = loop.time()
         done = Completion(replica=self.replica)
-        parts: list[str] = []
+        choices: dict[int, _Choice] = {}
         ended: str | None = "attempt ended early"
         try:
             async for delta in self.engine.stream(_request(task, key)):
                 if done.ttft_s is None:
                     done.ttft_s = loop.time() - began
-                parts.append(delta.text)
-                done.completion_tokens += delta.tokens
                 if delta.prompt_tokens is not None:
                     done.prompt_tokens = delta.prompt_tokens
-                if delta.finish_reason is not None:
-                    done.finish_reason = delta.finish_reason
-                if channel is not None:
+                choices.setdefault(delta.index, _Choice()).add(delta)
+                if channel is not None and delta.index == 0:  # choice 0 is the live one
                     channel.put(delta.text, delta.tokens)
             ended = None
         finally:
             if channel is not None:
                 self.channels.finish(key, ended)
-        done.text = "".join(parts)
+        return self._completed(done, task, [choices.get(i, _Choice()) for i in range(len(choices) or 1)])
+
+    def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:
+        """Choice 0 in the Completion's fields, the others in `extras["samples"]`."""
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        samples = []
+        for choice in choices:
+            content, calls = tool_calls.extract(self.config.tool_parser, tokenizer,
+                                                "".join(choice.parts), task.sampling)
+            samples.append({"text": content, "tokens": choice.tokens,
+                            "finish_reason": choice.finish_reason,
+                            "logprobs": choice.logprobs, "tool_calls": calls})
+        first = samples[0]
+        done.text, done.completion_tokens = first["text"], first["tokens"]
+        done.finish_reason = first["finish_reason"]
+        for name in ("logprobs", "tool_calls"):
+            if first[name] is not None:
+                done.extras[name] = first[name]
+        if len(samples) > 1:
+            done.extras["samples"] = samples[1:]
         return done
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
@@ -121,6 +165,11 @@ class ExpertActor:
         """The engine's recent (request_id, priority) in arrival order (mock engines)."""
         history = getattr(self.engine, "history", None)
         return history() if history is not None else []
+
+    def prompts(self) -> list[tuple[str, str]]:
+        """The engine's recent (request_id, prompt as rendered for the model) (vLLM)."""
+        prompts = getattr(self.engine, "prompts", None)
+        return prompts() if prompts is not None else []
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

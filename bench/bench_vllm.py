@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import ExpertConfig, load_config
+from orchestration.generation import Message, chat_turns
 
 Generate = Callable[[str], Awaitable[str]]
 TargetFactory = Callable[[ExpertConfig, argparse.Namespace], AbstractAsyncContextManager[Generate]]
@@ -115,8 +116,7 @@ async def engine_target(expert: ExpertConfig, args: argparse.Namespace) -> Async
     async def generate(prompt: str) -> str:
         request = GenerationRequest(
             request_id=f"bench-{uuid.uuid4().hex[:8]}",
-            prompt=prompt,
-            system_prompt=expert.system_prompt,
+            messages=chat_turns(expert.system_prompt, [Message(role="user", content=prompt)]),
             max_tokens=args.max_tokens,
             temperature=0.0,
         )

@@ -121,6 +121,9 @@ class ExpertConfig(_Section):
     num_gpus: NonNegFloat | None = None
     resources: ActorResources = Field(default_factory=ActorResources)
     mock: MockOptions = Field(default_factory=MockOptions)
+    # vLLM's tool-call parser for this expert's model (`hermes`, `llama3_json`, ...):
+    # needed for `tool_choice: auto`; forced tool choices work without one.
+    tool_parser: str | None = None
     # vLLM engine arguments passed through to AsyncEngineArgs (model, dtype, ...).
     engine: dict[str, Any] = Field(default_factory=dict)
     # Environment for the actor's process (e.g. VLLM_CPU_KVCACHE_SPACE).

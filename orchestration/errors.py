@@ -10,6 +10,7 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     │   ├── InvalidJSONError (400) . invalid_json: not JSON, not an object, too deep
     │   ├── BodyTooLargeError (413)  body_too_large
     │   ├── InvalidHeaderError (400) invalid_header: e.g. an oversized X-Request-ID
+    │   ├── UnsupportedParameterError (400) unsupported_parameter: cannot be honoured
     │   └── UnknownExpertError (404) unknown_expert / unknown model
     ├── UnauthorizedError (401)
     ├── NotFoundError (404) ........ not_found: no such route
@@ -107,6 +108,13 @@ class InternalError(ChorusError):
     status = 500
 
 
+class UnsupportedParameterError(BadRequestError):
+    """A parameter Chorus cannot honour for this model: refused, never dropped."""
+
+    code = "unsupported_parameter"
+    status = 400
+
+
 class UnknownExpertError(BadRequestError):
     code = "unknown_expert"
     status = 404
@@ -179,9 +187,20 @@ class FieldError(ValueError):
         self.path = path
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _union_tag(part: str) -> bool:
+    """A segment pydantic adds for a union's member (`str`, `list[str]`, `NamedToolChoice`)."""
+    return part in _TYPE_TAGS or "[" in part or part[:1].isupper() or part.startswith(
+        ("function-", "literal", "tagged-union"))
+
+
+def _format_loc(loc: tuple[int | str, ...], drop_tags: bool = False) -> str:
     path = ""
     for part in loc:
+        if drop_tags and isinstance(part, str) and _union_tag(part):
+            continue
         if isinstance(part, int):
             path += f"[{part}]"
         else:
@@ -189,20 +208,22 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return path or "<root>"
 
 
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each starting with the field path (`experts[1].num_gpus`)."""
+def format_validation_error(error: ValidationError, prefix: str = "",
+                            drop_tags: bool = False) -> str:
+    """One line per problem, each starting with the field path (`experts[1].num_gpus`);
+    `drop_tags` leaves out the segments pydantic adds for union members."""
     lines = []
     for item in error.errors():
         ctx_error = (item.get("ctx") or {}).get("error")
         if isinstance(ctx_error, FieldError):
             lines.append(f"{prefix}{ctx_error}")
             continue
-        path = _format_loc(tuple(item["loc"]))
+        path = _format_loc(tuple(item["loc"]), drop_tags)
         lines.append(f"{prefix}{path}: {item['msg']}")
     return "\n".join(lines)
 
 
 def bad_request(error: ValidationError) -> BadRequestError:
     """A 422 whose message names every offending field and whose `field` is the first."""
-    message = format_validation_error(error)
+    message = format_validation_error(error, drop_tags=True)
     return BadRequestError(message, field=message.split(":", 1)[0])

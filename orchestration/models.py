@@ -17,9 +17,11 @@ from pydantic import (
     StrictBool,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from orchestration.errors import BadRequestError, bad_request
+from orchestration.errors import BadRequestError, FieldError, bad_request
+from orchestration.generation import Message, Sample, Sampling, last_user_text
 
 
 class ExecutionStrategy(StrEnum):
@@ -87,9 +89,14 @@ class InferenceOptions(_Model):
 
 
 class OrchestrateRequest(_Model):
-    """What a caller asks for: a prompt plus optional overrides."""
+    """What a caller asks for: a prompt (or a conversation) plus optional overrides."""
 
+    # The text the router reads; with `messages`, the newest user turn (set from them).
     prompt: str
+    # A conversation instead of a prompt: the experts see its turns (generation.chat_turns).
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    # The prompt is the model's whole input, sent without a chat template (/v1/completions).
+    raw: StrictBool = False
     priority: RequestPriority = RequestPriority.NORMAL
     # Parallel experts to consult instead of the router's keyword choice.
     experts: list[str] | None = None
@@ -103,6 +110,8 @@ class OrchestrateRequest(_Model):
     seed: Seed | None = None
     # Also stream the specialists' texts (`expert_delta` events), not only the primary's.
     stream_experts: StrictBool = False
+    # Sampling parameters, structured output and tools (OpenAI's meaning; docs/openai.md).
+    sampling: Sampling = Field(default_factory=Sampling)
     # The caller's X-Request-ID, kept as a label for logs (never used as an identity).
     correlation_id: str | None = None
     id: str = Field(default_factory=lambda: new_id("req"))
@@ -111,11 +120,34 @@ class OrchestrateRequest(_Model):
     def parse(cls, data: Any) -> OrchestrateRequest:
         return parse_input(cls, data)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_or_messages(cls, data: Any) -> Any:
+        """`messages` set the prompt (their newest user turn); both only when they agree."""
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            return data
+        try:
+            derived = last_user_text([Message.model_validate(m) for m in data["messages"]])
+        except ValidationError:
+            return data  # the field validation names the bad message
+        if not derived.strip():
+            raise FieldError("messages", "no user turn with text")
+        if data.get("prompt") not in (None, derived):
+            raise FieldError("messages", "give either prompt or messages, not both")
+        return {**data, "prompt": derived}
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _last_turn_from_user(cls, value: list[Message] | None) -> list[Message] | None:
+        if value is not None and value[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must come from the user (or a tool)")
         return value
 
 
@@ -137,6 +169,10 @@ class ExpertTask(_Model):
     expert: str
     prompt: str
     system_prompt: str | None = None
+    # The caller's conversation (None: `prompt` is the one user turn); see chat_turns.
+    messages: list[Message] | None = None
+    raw: bool = False  # `prompt` is sent as is, without the chat template
+    sampling: Sampling = Field(default_factory=Sampling)
     role: Literal["primary", "expert", "synthesis"] = "expert"
     priority: int = EXPERT_PRIORITY
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
@@ -179,8 +215,10 @@ class TaskResult(_Model):
     status: TaskStatus
     result: str | None = None
     error: str | None = None
-    # Stable code of the last error (`engine_error`, `timeout`, `expert_unavailable`, ...).
+    # Stable code of the last error (`engine_error`, `timeout`, `expert_unavailable`, ...),
+    # and the request field it is about (bad input the engine found, e.g. `response_format`).
     error_code: str | None = None
+    error_field: str | None = None
     attempts: int = 0
     latency_s: float = 0.0
     ttft_s: float | None = None
@@ -188,6 +226,11 @@ class TaskResult(_Model):
     tokens: int = 0
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    # When asked: per-token logprobs (OpenAI's chat shape) and tool calls of the answer.
+    logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    # Choices 2..n of the answer (`sampling.n`), each with its own counts.
+    samples: list[Sample] = Field(default_factory=list)
     # Experts that actually served the attempts (differs from `expert` after a fallback).
     served_by: list[str] = Field(default_factory=list)
     # The replica (actor) of each attempt, e.g. `general#0`.
@@ -272,6 +315,8 @@ class ErrorEvent(_Model):
     code: str
     message: str
     status: int = 500
+    # The request field the error is about, when it is the caller's input.
+    param: str | None = None
 
 
 class DoneEvent(_Model):

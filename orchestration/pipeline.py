@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from orchestration.config import ChorusConfig, GuardConfig
+from orchestration.errors import BadRequestError, UnsupportedParameterError
 from orchestration.fusion import (
     FusionOutcome,
     build_synthesis_task,
@@ -34,11 +35,18 @@ from orchestration.models import (
 )
 
 Synthesize = Callable[[ExpertTask], AsyncIterator[Any]]
+# Error codes of the caller's input (never retried): the request ends with their status.
+_INPUT_ERRORS = {BadRequestError.code: BadRequestError.status,
+                 UnsupportedParameterError.code: UnsupportedParameterError.status}
 
 
 def primary_failure(request_id: str, primary: TaskResult) -> ErrorEvent:
     """A clear terminal error for a primary that failed for good with nobody to stand in."""
     served = " -> ".join(primary.served_by) or primary.expert
+    if primary.error_code in _INPUT_ERRORS:  # the engine refused the caller's input
+        return ErrorEvent(request_id=request_id, code=primary.error_code,
+                          message=primary.error or "", status=_INPUT_ERRORS[primary.error_code],
+                          param=primary.error_field)
     if primary.error_code == "expert_unavailable":
         code, status = "no_healthy_expert", 503
     else:
@@ -73,10 +81,27 @@ class _Finisher:
         self.first_delta_at: float | None = None
 
     def clean(self, result: TaskResult) -> TaskResult:
-        if result.result is None:
-            return result
-        clean = self.guard.sanitize(result.result)
-        return result if clean == result.result else result.model_copy(update={"result": clean})
+        """The result with every text the caller will see guarded: the answer, the other
+        choices, and the arguments of tool calls."""
+        sanitize = self.guard.sanitize
+        update: dict[str, Any] = {}
+        if result.result is not None and (clean := sanitize(result.result)) != result.result:
+            update["result"] = clean
+        if result.samples:
+            update["samples"] = [s.model_copy(update={
+                "text": sanitize(s.text), "tool_calls": self.clean_calls(s.tool_calls)})
+                for s in result.samples]
+        if result.tool_calls:
+            update["tool_calls"] = self.clean_calls(result.tool_calls)
+        return result.model_copy(update=update) if update else result
+
+    def clean_calls(self, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if not calls:
+            return calls
+        sanitize = self.guard.sanitize
+        return [{**c, "function": {**c["function"],
+                                   "arguments": sanitize(c["function"]["arguments"])}}
+                for c in calls]
 
     async def synthesized(
         self, primary: TaskResult, experts: list[TaskResult], fallback: FusionOutcome

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 
 from orchestration.config import ChorusConfig, ExpertConfig
-from orchestration.errors import UnknownExpertError
+from orchestration.errors import UnknownExpertError, UnsupportedParameterError
 from orchestration.models import (
     ExecutionPlan,
     ExecutionStrategy,
@@ -16,6 +16,7 @@ from orchestration.models import (
     OrchestrateRequest,
 )
 from orchestration.scheduling import effective_priority, task_priority
+from orchestration.tools import is_forced
 
 
 def keyword_hits(expert: ExpertConfig, prompt: str) -> int:
@@ -134,7 +135,19 @@ def plan_request(
         why = "experts chosen by the caller" if fits else "no expert reached its threshold"
         reasons.append(f"primary {primary_name}: the default ({why})")
     _check_names(config, [primary_name], "primary")
-    if request.experts is not None:
+    if (request.sampling.calls_tools and not is_forced(request.sampling)
+            and config.expert(primary_name).tool_parser is None):
+        raise UnsupportedParameterError(
+            f"tool_choice: expert {primary_name!r} has no tool_parser, so its calls cannot be "
+            "read from its text (tool_choice 'auto'); use tool_choice 'required' or name a "
+            "function (docs/openai.md)", field="tool_choice")
+    if request.sampling.answers_alone:
+        # A tool call or a JSON answer is the primary's alone: nothing can be appended.
+        if request.experts:
+            _check_names(config, request.experts, "experts")
+        chosen = []
+        reasons.append("tools/response_format: the primary answers alone")
+    elif request.experts is not None:
         _check_names(config, request.experts, "experts")
         chosen = [config.expert(n) for n in dict.fromkeys(request.experts) if n != primary_name]
         reasons.append("experts chosen by the caller")
@@ -173,6 +186,11 @@ def plan_request(
             expert=expert.name,
             prompt=request.prompt,
             system_prompt=expert.system_prompt,
+            messages=request.messages,
+            raw=request.raw,
+            # The answer's sampling is the primary's; a specialist writes one free-text
+            # contribution (docs/openai.md, "model: chorus").
+            sampling=request.sampling if role == "primary" else request.sampling.for_specialists(),
             role=role,  # type: ignore[arg-type]
             priority=base,
             effective_priority=effective_priority(base, request.priority, config.executor),

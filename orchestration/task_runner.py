@@ -87,10 +87,12 @@ class TaskRun:
             return TaskResult(
                 status=TaskStatus.SUCCESS, result=done.text, ttft_s=done.ttft_s,
                 tokens=done.completion_tokens, prompt_tokens=done.prompt_tokens,
-                finish_reason=done.finish_reason, **fields)
+                finish_reason=done.finish_reason, logprobs=done.extras.get("logprobs"),
+                tool_calls=done.extras.get("tool_calls"),
+                samples=done.extras.get("samples", []), **fields)
         error = self.error or ChorusError(f"{task.expert}: no attempt was made")
         return TaskResult(status=status_of(error), error=error.message,
-                          error_code=error.code, **fields)
+                          error_code=error.code, error_field=error.field, **fields)
 
 
 def status_of(error: ChorusError) -> TaskStatus:

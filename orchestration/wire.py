@@ -28,7 +28,9 @@ class Completion:
     # Seconds from the engine call to its first delta (the expert's view of TTFT).
     ttft_s: float | None = None
     replica: str = ""
-    # Per-choice extras the engine reports when asked (e.g. logprobs, tool calls).
+    # What the engine reports only when asked, as plain data: `logprobs` and
+    # `tool_calls` of the answer, and `samples` (choices 2..n: dicts with the fields
+    # of `generation.Sample`).
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -32,6 +32,9 @@ RAY_INIT = {"address": "local", "num_cpus": 8, "include_dashboard": False,
             "_system_config": {"metrics_report_interval_ms": 1000}}
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+# LiteLLM fetches a model cost map at import unless told to use its bundled copy: the
+# tests never rely on the network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def url(serve_port: int, tmp_path_factory) -> str:
 
 CHAT = "/v1/chat/completions"
 ORCH = "/v1/orchestrate"
+COMP = "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
 
 CASES = [
@@ -75,6 +76,18 @@ CASES = [
     ("not UTF-8", "POST", ORCH, b'{"prompt": "\xff\xfe"}', {}, 400, "<body>", "invalid_json"),
     ("X-Request-ID of 60 KB", "POST", ORCH, b'{"prompt": "x"}', {"X-Request-ID": "r" * 60_000},
      400, "x-request-id", "invalid_header"),
+    ("unknown chat parameter", "POST", CHAT,
+     json.dumps({"model": "chorus", "messages": MSG, "top_k": 3}).encode(),
+     {}, 400, "top_k", "unsupported_parameter"),
+    ("lone surrogate in a legacy prompt", "POST", COMP,
+     b'{"model": "general", "prompt": "\\ud800"}', {}, 422, "prompt", "invalid_request"),
+    ("legacy max_tokens NaN", "POST", COMP, b'{"model": "general", "prompt": "x", "max_tokens": NaN}',
+     {}, 422, "max_tokens", "invalid_request"),
+    ("legacy echo", "POST", COMP, b'{"model": "general", "prompt": "x", "echo": true}',
+     {}, 400, "echo", "unsupported_parameter"),
+    ("legacy stream 'yes'", "POST", COMP, b'{"model": "general", "prompt": "x", "stream": "yes"}',
+     {}, 422, "stream", "invalid_request"),
+    ("wrong method on completions", "GET", COMP, b"", {}, 405, "<method>", "method_not_allowed"),
     ("unknown route", "GET", "/v1/nothing-here", b"", {}, 404, "<path>", "not_found"),
     ("unknown POST route", "POST", "/v1/completions/x", b"{}", {}, 404, "<path>", "not_found"),
     ("wrong method", "GET", ORCH, b"", {}, 405, "<method>", "method_not_allowed"),
@@ -107,9 +120,13 @@ JSON = st.recursive(
                                                                        children, max_size=4),
     max_leaves=12)
 ORCH_FIELDS = ["prompt", "stream", "priority", "experts", "primary", "strategy", "timeout_s",
-               "max_tokens", "temperature", "seed", "stream_experts"]
+               "max_tokens", "temperature", "seed", "stream_experts", "messages", "sampling"]
 CHAT_FIELDS = ["model", "messages", "stream", "stream_options", "max_tokens",
-               "max_completion_tokens", "temperature", "seed"]
+               "max_completion_tokens", "temperature", "seed", "top_p", "n", "stop", "logprobs",
+               "top_logprobs", "response_format", "tools", "tool_choice", "logit_bias",
+               "priority"]
+COMP_FIELDS = ["model", "prompt", "stream", "stream_options", "max_tokens", "temperature",
+               "top_p", "n", "stop", "logprobs", "seed", "echo", "priority"]
 GOOD = {"prompt": st.just("review python code"), "stream": st.booleans(),
         "priority": st.sampled_from(["high", "normal", "low"]),
         "experts": st.lists(st.sampled_from(["code", "math", "critic"]), max_size=2),
@@ -156,3 +173,11 @@ def test_fuzzed_chat_bodies_never_get_a_5xx(url: str, body: Any) -> None:
     if isinstance(body, dict) and body.get("stream") is True:
         body["stream"] = False
     _assert_no_5xx(_send(url, CHAT, body))
+
+
+@FUZZ
+@given(body=_bodies(COMP_FIELDS))
+def test_fuzzed_completion_bodies_never_get_a_5xx(url: str, body: Any) -> None:
+    if isinstance(body, dict) and body.get("stream") is True:
+        body["stream"] = False
+    _assert_no_5xx(_send(url, COMP, body))

@@ -14,7 +14,8 @@ from tests.conftest import until
 
 
 def _request(n: int = 0, prompt: str = "hi") -> GenerationRequest:
-    return GenerationRequest(request_id=f"r{n}", prompt=prompt, max_tokens=8)
+    return GenerationRequest(request_id=f"r{n}", messages=[{"role": "user", "content": prompt}],
+                             max_tokens=8)
 
 
 async def _text(engine: MockEngine, request: GenerationRequest) -> str:
@@ -28,7 +29,8 @@ async def test_deltas_carry_token_counts_and_the_finish_reason() -> None:
     assert [d.finish_reason for d in capped[:-1]] == [None] * (len(capped) - 1)
     assert capped[0].prompt_tokens == 1  # "hi"
     whole = [d async for d in engine.stream(
-        GenerationRequest(request_id="r", prompt="hi there", max_tokens=100))]
+        GenerationRequest(request_id="r", messages=[{"role": "user", "content": "hi there"}],
+                          max_tokens=100))]
     assert sum(d.tokens for d in whole) == 12 and whole[-1].finish_reason == "stop"
 
 

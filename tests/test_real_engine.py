@@ -6,6 +6,7 @@ goes through HTTP, the executor and the expert actors, as a user's request would
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,109 @@ def test_capital_of_france_through_the_whole_stack(url: str) -> None:
     assert "Paris" in text
     assert len([k for k, _ in events if k == "primary"]) > 1  # streamed, not one blob
     assert events[-1][1]["primary"]["status"] == "success"
+
+
+# --------------------------------------------------------------------------- OpenAI API
+
+CONVERSATION = [{"role": "system", "content": "Answer in one short sentence."},
+                {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": "Nice to meet you, Ada!"},
+                {"role": "user", "content": "What is my name?"}]
+
+
+@pytest.fixture(scope="module")
+def sdk(url: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from orchestration.modelprep import prepare_model
+
+    return AutoTokenizer.from_pretrained(str(prepare_model()))
+
+
+def _rendered_prompts() -> list[str]:
+    import ray
+
+    general = ray.get_actor("chorus-cpu.expert.general#0", namespace="chorus")
+    return [prompt for _, prompt in ray.get(general.prompts.remote())]
+
+
+def test_openai_turns_reach_vllm_with_true_usage_and_logprobs(sdk: Any, tokenizer: Any) -> None:
+    """One generation shows: chat-template turns, tokenizer counts, `length`, logprobs."""
+    from orchestration.config import load_config
+    from orchestration.generation import Message, chat_turns
+
+    reply = sdk.chat.completions.create(model="general", messages=CONVERSATION, temperature=0,
+                                        max_tokens=6, logprobs=True, top_logprobs=2, top_p=0.9,
+                                        presence_penalty=0.1, frequency_penalty=0.1, seed=3,
+                                        user="test", metadata={"suite": "real"})
+    system = load_config(ROOT / "config" / "cpu.yaml").expert("general").system_prompt
+    turns = chat_turns(system, [Message(**m) for m in CONVERSATION])
+    expected = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert _rendered_prompts()[-1] == expected
+    for turn in ("<|im_start|>user\nMy name is Ada.<|im_end|>",
+                 "<|im_start|>assistant\nNice to meet you, Ada!<|im_end|>",
+                 "<|im_start|>user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n"):
+        assert turn in expected
+    assert expected.startswith(f"<|im_start|>system\n{system}\n\nAnswer in one short sentence.")
+    choice = reply.choices[0]
+    assert reply.usage.prompt_tokens == len(tokenizer(expected, add_special_tokens=False).input_ids)
+    assert (choice.finish_reason, reply.usage.completion_tokens) == ("length", 6)
+    content = choice.logprobs.content
+    assert len(content) == 6 and "".join(t.token for t in content) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_openai_stop_and_max_tokens_on_vllm(sdk: Any, tokenizer: Any) -> None:
+    ask = {"model": "general", "temperature": 0, "max_tokens": 40,
+           "messages": [{"role": "user", "content": "List the days of the week."}]}
+    full = sdk.chat.completions.create(**ask).choices[0].message.content
+    stop = full.split()[len(full.split()) // 2]
+    cut = sdk.chat.completions.create(**ask, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)].strip()
+    assert cut.finish_reason == "stop"
+    legacy = sdk.completions.create(model="general", prompt="The capital of France is",
+                                    temperature=0, max_tokens=3)
+    assert legacy.choices[0].finish_reason == "length" and legacy.usage.completion_tokens == 3
+    assert legacy.usage.prompt_tokens == len(tokenizer("The capital of France is").input_ids)
+    assert _rendered_prompts()[-1] == "The capital of France is"  # raw: no chat template
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError) as caught:  # vLLM's own refusal
+        sdk.chat.completions.create(**ask, n=2)
+    assert caught.value.body["param"] == "n"
+
+
+def test_openai_json_schema_and_forced_tool_call_on_vllm(sdk: Any) -> None:
+    import jsonschema
+
+    # Bounded values: a tiny model at temperature 0 may otherwise write digits until
+    # max_tokens cuts it (valid so far, but never closed).
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "capital": {"type": "boolean"},
+        "country": {"enum": ["France", "Germany", "Italy"]}},
+        "required": ["city", "capital", "country"], "additionalProperties": False}
+    reply = sdk.chat.completions.create(
+        model="general", temperature=0, max_tokens=100,
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    called = sdk.chat.completions.create(
+        model="general", temperature=0, max_tokens=100, tools=[tool],
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert called.finish_reason == "tool_calls"
+    (call,) = called.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), schema)
 
 
 def test_temperature_zero_is_repeatable_and_streaming_matches(url: str) -> None:

@@ -40,8 +40,14 @@ async def engine():
     await eng.shutdown()
 
 
-async def generate(engine: Any, prompt: str, **options: Any) -> str:
-    request = GenerationRequest(request_id=f"t-{prompt[:12]}", prompt=prompt, **options)
+def user(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    turns = [{"role": "system", "content": system}] if system else []
+    return [*turns, {"role": "user", "content": prompt}]
+
+
+async def generate(engine: Any, prompt: str, system: str | None = None, **options: Any) -> str:
+    request = GenerationRequest(request_id=f"t-{prompt[:12]}", messages=user(prompt, system),
+                                **options)
     return "".join([delta.text async for delta in engine.stream(request)])
 
 
@@ -51,7 +57,7 @@ async def test_capital_of_france(engine):
 
 
 async def test_temperature_zero_is_deterministic(engine):
-    options = {"temperature": 0.0, "max_tokens": 48, "system_prompt": "Answer briefly."}
+    options = {"temperature": 0.0, "max_tokens": 48, "system": "Answer briefly."}
     first = await generate(engine, "Name three colours of the rainbow.", **options)
     second = await generate(engine, "Name three colours of the rainbow.", **options)
     assert first and first == second
@@ -62,7 +68,7 @@ async def _start_long_generation(engine: Any, request_id: str):
     first_delta = asyncio.Event()
     request = GenerationRequest(
         request_id=request_id,
-        prompt="Write a very long, detailed story about a dragon who learns to cook.",
+        messages=user("Write a very long, detailed story about a dragon who learns to cook."),
         max_tokens=1500,
         temperature=0.8,
         seed=7,
@@ -116,7 +122,7 @@ async def test_closing_the_stream_aborts_too(engine):
     before = await engine.stats()
     request = GenerationRequest(
         request_id="long-close",
-        prompt="Count from one to five hundred in words.",
+        messages=user("Count from one to five hundred in words."),
         max_tokens=1500,
         temperature=0.0,
     )
@@ -144,7 +150,7 @@ async def test_priority_is_passed_to_vllms_scheduler(engine):
     async def run(name: str, priority: int) -> None:
         request = GenerationRequest(
             request_id=name,
-            prompt="Write a long essay about the history of bread.",
+            messages=user("Write a long essay about the history of bread."),
             max_tokens=96,
             temperature=0.0,
             priority=priority,
@@ -171,7 +177,7 @@ async def test_prompt_too_long_is_bad_input_not_retried(engine):
     with pytest.raises(BadRequestError) as info:
         await generate(engine, "word " * 5000, max_tokens=16)
     assert not isinstance(info.value, TransientError)
-    assert info.value.field == "prompt"
+    assert info.value.field == "messages"  # the conversation is what is too long
     assert (await engine.stats())["active"] == 0
 
 
@@ -186,7 +192,7 @@ async def test_engine_death_is_a_retryable_error_and_exits(engine, monkeypatch):
     monkeypatch.setattr(os, "_exit", exits.append)
     monkeypatch.setattr(engine, "exit_on_dead", True)
     request = GenerationRequest(
-        request_id="doomed", prompt="Write a long story about a ship.", max_tokens=1500
+        request_id="doomed", messages=user("Write a long story about a ship."), max_tokens=1500
     )
     stream = engine.stream(request)
     assert await stream.__anext__()

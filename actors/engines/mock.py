@@ -9,7 +9,12 @@ zero when Ray restarts a crashed actor.
 
 Tokens come due on a schedule (`ttft_s`, then one every `token_latency_s`); each
 delta carries every token that is due when the consumer asks, so a slow consumer gets
-fewer, bigger deltas, as from vLLM. State is bounded: counters plus the last
+fewer, bigger deltas, as from vLLM. It honours `max_tokens`, `stop` (the text ends
+before the stop string) and `n` (choice i samples with seed + i); a JSON response
+format or a forced tool choice gets a value valid against the schema, and `tools` with
+`tool_choice: auto` a Hermes `<tool_call>` text for the expert's tool parser. Logprobs
+are deterministic stand-ins; the other sampling parameters change nothing (there is no
+distribution to shape). State is bounded: counters plus the last
 `HISTORY` requests (`seen`, for tests of dispatch order).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 from collections import deque
@@ -26,6 +32,7 @@ from typing import Any
 from actors.engines.base import Delta, GenerationRequest
 from orchestration.config import MockOptions
 from orchestration.errors import EngineError
+from orchestration.tools import example_instance, json_constraint
 
 HISTORY = 256
 _WORDS = ["the", "answer", "draws", "on", "careful", "reasoning", "about", "structure", "data", "systems", "models", "latency", "throughput", "memory", "experts", "routing", "cluster", "tokens", "streams", "results", "quality", "evidence", "context", "because", "therefore", "however", "first", "second", "finally"]
@@ -37,6 +44,27 @@ def mock_text(expert: str, prompt: str, seed: int, tokens: int) -> list[str]:
     rng = random.Random(digest)
     words = [f"[{expert}]"] + [rng.choice(_WORDS) for _ in range(max(tokens - 1, 0))]
     return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+
+
+def count_tokens(request: GenerationRequest) -> int:
+    """The mock's prompt tokens: whitespace-separated words of every turn (or the raw prompt)."""
+    if request.prompt is not None:
+        return len(request.prompt.split())
+    return sum(len(str(m.get("content") or "").split()) for m in request.messages)
+
+
+def _pieces(text: str, size: int = 4) -> list[str]:
+    """Structured answers travel as tokens of `size` characters."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _logprob(token: str, choice: int, position: int, top: int) -> dict[str, Any]:
+    """A deterministic, well-formed logprob entry (the mock has no distribution)."""
+    value = -round(0.05 * ((position + choice) % 7 + 1), 4)
+    entry = {"token": token, "logprob": value, "bytes": list(token.encode())}
+    alternatives = [{"token": f" {w}", "logprob": value - 1 - k, "bytes": list(f" {w}".encode())}
+                    for k, w in enumerate(_WORDS[: max(top - 1, 0)])]
+    return {**entry, "top_logprobs": ([dict(entry)] + alternatives)[:top]}
 
 
 class MockEngine:
@@ -92,10 +120,20 @@ class MockEngine:
         finally:
             self.active -= 1
 
-    def _text(self, request: GenerationRequest, n: int) -> list[str]:
+    def _tokens(self, request: GenerationRequest, n: int, choice: int) -> list[str]:
+        """Every token this choice would produce if nothing cut it."""
         opts = self.options
-        seed = opts.seed if request.seed is None else request.seed
-        text = mock_text(self.name, request.prompt, seed, min(opts.tokens, request.max_tokens))
+        seed = (opts.seed if request.seed is None else request.seed) + choice
+        constraint = json_constraint(request.sampling)
+        if constraint is not None:  # structured output: a value valid against the schema
+            value = (example_instance(constraint["json"]) if "json" in constraint else
+                     {"answer": "".join(mock_text(self.name, request.key_text(), seed, 4))})
+            return _pieces(json.dumps(value))
+        if request.sampling.calls_tools:  # auto: Hermes-style text for the expert's parser
+            tool = request.sampling.tools[0].function  # type: ignore[index]
+            call = {"name": tool.name, "arguments": example_instance(tool.parameters)}
+            return _pieces(f"<tool_call>{json.dumps(call)}</tool_call>")
+        text = mock_text(self.name, request.key_text(), seed, opts.tokens)
         if self._due(opts.garbage_every, n):
             rng = random.Random(n)
             text = ["".join(chr(rng.randint(0x21, 0x2FF)) for _ in range(6)) for _ in text]
@@ -104,29 +142,53 @@ class MockEngine:
             text += [opts.inject[i : i + size] for i in range(0, len(opts.inject), size)]
         return text
 
+    def _choice(self, request: GenerationRequest, n: int, choice: int) -> tuple[list[str], str]:
+        """The tokens this choice emits and why it ends: `max_tokens`, then `stop`."""
+        tokens = self._tokens(request, n, choice)
+        reason = "stop"
+        if len(tokens) > request.max_tokens:
+            tokens, reason = tokens[: request.max_tokens], "length"
+        text = "".join(tokens)
+        cuts = [text.find(s) for s in request.sampling.stop if s in text]
+        if cuts:  # like vLLM: the text ends before the stop string, which is not sent
+            end, kept, length = min(cuts), [], 0
+            for token in tokens:
+                if length >= end:
+                    break
+                kept.append(token[: end - length])
+                length += len(token)
+            tokens, reason = kept, "stop"
+        return tokens, reason
+
     async def _deltas(self, request: GenerationRequest, n: int) -> AsyncIterator[Delta]:
-        """Token i is due at start + i x latency; each delta takes every token due now."""
-        tokens = self._text(request, n)
-        truncated = request.max_tokens < self.options.tokens
-        prompt_tokens = len(f"{request.system_prompt or ''} {request.prompt}".split())
+        """Token i is due at start + i x latency; each delta takes every token due now.
+        Choices (`sampling.n`) are generated one after another."""
+        prompt_tokens = count_tokens(request)
         latency = self.options.token_latency_s
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        i = 0
-        while i < len(tokens):
-            wait = start + i * latency - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            now = loop.time()
-            j = i + 1
-            while j < len(tokens) and start + j * latency <= now:
-                j += 1
-            last = j == len(tokens)
-            self.tokens_out += j - i
-            yield Delta("".join(tokens[i:j]), j - i,
-                        finish_reason=("length" if truncated else "stop") if last else None,
-                        prompt_tokens=prompt_tokens if i == 0 else None)
-            i = j
+        for choice in range(request.sampling.n):
+            tokens, reason = self._choice(request, n, choice)
+            start = loop.time()
+            i = 0
+            while i < len(tokens) or i == 0:
+                wait = start + i * latency - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                now = loop.time()
+                j = min(i + 1, len(tokens))
+                while j < len(tokens) and start + j * latency <= now:
+                    j += 1
+                last = j == len(tokens)
+                self.tokens_out += j - i
+                logprobs = ([_logprob(t, choice, k, request.sampling.top_logprobs)
+                             for k, t in enumerate(tokens[i:j], i)]
+                            if request.sampling.logprobs else None)
+                yield Delta("".join(tokens[i:j]), j - i, finish_reason=reason if last else None,
+                            prompt_tokens=prompt_tokens if i == 0 and choice == 0 else None,
+                            index=choice, logprobs=logprobs)
+                if last:
+                    break
+                i = j
 
     async def stats(self) -> dict[str, Any]:
         return {

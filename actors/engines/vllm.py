@@ -12,17 +12,53 @@ import logging
 import os
 import sys
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.engines.base import Delta, GenerationRequest
 from orchestration.errors import BadRequestError, EngineError
+from orchestration.tools import is_forced, json_constraint
 
 log = logging.getLogger(__name__)
 
 # How long a dead engine's actor lingers before exiting, so the `EngineError` it just
 # raised reaches the caller as an error it can read (not only as "actor died").
 EXIT_DELAY_S = 0.5
+HISTORY = 16
+
+
+def _field_of(exc: Exception, request: GenerationRequest) -> str:
+    """The request field a vLLM validation error is about (ours, not vLLM's names)."""
+    text = str(exc).lower()
+    if text.startswith("n must"):  # e.g. several choices of a greedy (temperature 0) sample
+        return "n"
+    if any(word in text for word in ("schema", "json", "grammar", "structured")):
+        return "response_format"
+    if "logit" in text:
+        return "logit_bias"
+    if "stop" in text:
+        return "stop"
+    return "prompt" if request.prompt is not None else "messages"
+
+
+def _logprob(lp: Any) -> dict[str, Any]:
+    token = lp.decoded_token if lp.decoded_token is not None else ""
+    # -inf is not JSON: clamp as vLLM's own server does.
+    return {"token": token, "logprob": max(lp.logprob, -9999.0),
+            "bytes": list(token.encode("utf-8", "replace"))}
+
+
+def _logprobs(completion: Any, top: int) -> list[dict[str, Any]]:
+    """This delta's logprobs in OpenAI's chat shape, from vLLM's per-position dicts
+    (the sampled token, plus the `top` most likely ones by rank)."""
+    entries = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or [], strict=False):
+        ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top),
+                        key=lambda lp: lp.rank)
+        entries.append({**_logprob(position[token_id]),
+                        "top_logprobs": [_logprob(lp) for lp in ranked][:top]})
+    return entries
 
 
 class _SchedulerProbe:
@@ -91,6 +127,10 @@ class VLLMEngine:
         self.priority_scheduling = False
         self._exit_scheduled = False
         self._probe = _SchedulerProbe()
+        # The last requests as the engine saw them: (request_id, priority) and
+        # (request_id, rendered prompt), for tests and debugging (bounded).
+        self.seen: deque[tuple[str, int]] = deque(maxlen=HISTORY)
+        self.rendered: deque[tuple[str, str]] = deque(maxlen=HISTORY)
         self._counts = dict.fromkeys(
             ("requests", "active", "peak_active", "cancelled", "aborted", "errors"), 0
         )
@@ -117,22 +157,52 @@ class VLLMEngine:
         self.priority_scheduling = self.engine.scheduler_config.policy == "priority"
         log.info("vLLM engine %s ready (model=%s)", self.name, model)
 
-    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
-        """Render system + user turns with the model's own chat template."""
-        messages = []
-        if request.system_prompt:
-            messages.append({"role": "system", "content": request.system_prompt})
-        messages.append({"role": "user", "content": request.prompt})
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+    def _prompt(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
+        """(engine input, whether to add special tokens): the chat rendered with the
+        model's own template, or a raw prompt as is (tokenized with BOS and all)."""
+        if request.prompt is not None:
+            text, raw = request.prompt, True
+        else:
+            tools = request.sampling.tools
+            text = self.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True,
+                # Templates that know tools render them; others ignore the argument.
+                tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None)
+            raw = False
+        self.rendered.append((request.request_id, text))
+        return {"prompt": text}, raw
+
+    def _params(self, request: GenerationRequest) -> Any:
+        """vLLM's SamplingParams for everything the caller asked (docs/openai.md)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        sampling = request.sampling
+        constraint = json_constraint(sampling)
+        extra = {k: v for k, v in (("user", sampling.user), ("metadata", sampling.metadata))
+                 if v is not None}
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=sampling.top_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            stop=list(sampling.stop) or None,
+            seed=request.sampling_seed(),
+            logprobs=sampling.top_logprobs if sampling.logprobs else None,
+            logit_bias={int(k): v for k, v in sampling.logit_bias.items()}
+            if sampling.logit_bias else None,
+            structured_outputs=StructuredOutputsParams(**constraint) if constraint else None,
+            # A tool parser reads the model's markers, which may be special tokens.
+            skip_special_tokens=not (sampling.calls_tools and not is_forced(sampling)),
+            extra_args=extra or None,
+            output_kind=RequestOutputKind.DELTA,  # deltas, not the whole text each time
         )
-        return {"prompt": text}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Yield deltas (text, tokens, finish reason); abort on cancel; map failures to ours."""
-        from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self.engine
@@ -142,15 +212,11 @@ class VLLMEngine:
             self._on_dead()
             raise EngineError(f"expert {self.name}: vLLM engine is dead")
         try:
-            prompt = self._prompt(request)
-            params = SamplingParams(
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                seed=request.sampling_seed(),
-                output_kind=RequestOutputKind.DELTA,  # deltas, not the whole text each time
-            )
-        except (VLLMClientError, ValueError) as exc:
-            raise BadRequestError(f"expert {self.name}: {exc}") from None
+            prompt, raw = self._prompt(request)
+            params = self._params(request)
+        except (VLLMClientError, ValueError) as exc:  # e.g. an unusable JSON schema
+            field = _field_of(exc, request)
+            raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
         # Our priority: larger = sooner. vLLM's: smaller = sooner. Only a `priority`
         # scheduler reads it (FCFS ignores it; older vLLM versions rejected it).
         extra = {"priority": -request.priority} if self.priority_scheduling else {}
@@ -161,12 +227,13 @@ class VLLMEngine:
         counts["requests"] += 1
         counts["active"] += 1
         counts["peak_active"] = max(counts["peak_active"], counts["active"])
+        self.seen.append((request.request_id, request.priority))
         gen = engine.generate(
             prompt,
             params,
             request_id,
-            # The chat template already holds the special tokens (BOS and all).
-            tokenization_kwargs={"add_special_tokens": False},
+            # A chat template already holds the special tokens (BOS and all).
+            tokenization_kwargs={"add_special_tokens": raw},
             **extra,
         )
         try:
@@ -180,10 +247,13 @@ class VLLMEngine:
                 for completion in output.outputs:
                     # DELTA outputs: `token_ids` are this delta's tokens; vLLM merged
                     # several steps into one output if we were slower than the engine.
-                    if completion.text or completion.finish_reason:
+                    if completion.text or completion.finish_reason or completion.token_ids:
                         yield Delta(completion.text, len(completion.token_ids),
                                     finish_reason=completion.finish_reason,
-                                    prompt_tokens=first_prompt)
+                                    prompt_tokens=first_prompt, index=completion.index,
+                                    logprobs=_logprobs(completion, request.sampling.top_logprobs)
+                                    if request.sampling.logprobs else None)
+                        first_prompt = None
         except (asyncio.CancelledError, GeneratorExit):
             # Deadline (`ray.cancel`) or the consumer went away: free the engine slot
             # now. vLLM's generate() aborts on CancelledError too, but not when only our
@@ -198,8 +268,9 @@ class VLLMEngine:
         except VLLMClientError as exc:  # e.g. prompt longer than max_model_len: no retry
             counts["errors"] += 1
             # Name our request's field, not vLLM's parameter ("input_tokens" -> prompt).
-            field = "max_tokens" if getattr(exc, "parameter", None) == "max_tokens" else "prompt"
-            raise BadRequestError(f"expert {self.name}: {exc}", field=field) from None
+            field = "max_tokens" if getattr(exc, "parameter", None) == "max_tokens" else (
+                _field_of(exc, request))
+            raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
         except Exception as exc:  # EngineGenerateError and friends: worth a retry
             counts["errors"] += 1
             if engine.errored:
@@ -211,6 +282,14 @@ class VLLMEngine:
         finally:
             counts["active"] -= 1
             await gen.aclose()
+
+    def history(self) -> list[tuple[str, int]]:
+        """(request_id, priority) of the last requests, in the order they arrived."""
+        return list(self.seen)
+
+    def prompts(self) -> list[tuple[str, str]]:
+        """(request_id, the prompt as rendered for the model) of the last requests."""
+        return list(self.rendered)
 
     async def _abort(self, request_id: str) -> None:
         """Abort one request in the engine; shielded so a second cancel cannot skip it."""
