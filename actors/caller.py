@@ -26,8 +26,8 @@ from ray.actor import ActorHandle
 from actors.boundary import translate
 from orchestration.assembly import Assembly, ReadOrder
 from orchestration.config import StreamConfig
-from orchestration.models import ExecutionPlan
-from orchestration.wire import Closed, Finished
+from orchestration.models import ExecutionPlan, ExecutorLoad
+from orchestration.wire import Admitted, Closed, Finished
 
 
 class LivePlan:
@@ -43,6 +43,7 @@ class LivePlan:
         self.assembly = Assembly(plan)
         self.finished = False
         self.first: list[Any] = []  # the records that came with `Admitted`
+        self.admitted: ExecutorLoad | None = None  # the executor's load at admission
 
     @classmethod
     async def open(cls, plan: ExecutionPlan, executor: ActorHandle,
@@ -61,6 +62,8 @@ class LivePlan:
             raise
         live = cls(plan, executor, gen, replica, stream)
         live.first = first
+        if first and isinstance(first[0], Admitted):
+            live.admitted = ExecutorLoad(active=first[0].active, queued=first[0].queued)
         return live
 
     async def events(self) -> AsyncIterator[Any]:
@@ -136,15 +139,18 @@ class LivePlan:
                 ray.cancel(gen)  # stop the replica-side reader we no longer listen to
 
 
-async def settled_plan(plan: ExecutionPlan, executor: ActorHandle) -> list[Any]:
-    """Events of a plan run to the end before anything is returned (no live text)."""
+async def settled_plan(plan: ExecutionPlan, executor: ActorHandle
+                       ) -> tuple[ExecutorLoad, list[Any]]:
+    """The executor's load at admission, and the events of a plan run to the end before
+    anything is returned (no live text)."""
     ref = executor.run.remote(plan)
     try:
-        results = await ref
+        admitted, results = await ref
     except asyncio.CancelledError:
         ray.cancel(ref)  # the caller went away: the executor cancels every task
         raise
     except Exception as exc:  # admission refused or the executor died: raised to the caller
         raise translate(exc, actor="executor") from None
     assembly = Assembly(plan, live=False)
-    return assembly.on_records([*(Finished(result) for result in results), Closed()]).events
+    step = assembly.on_records([*(Finished(result) for result in results), Closed()])
+    return ExecutorLoad(active=admitted.active, queued=admitted.queued), step.events

@@ -123,11 +123,13 @@ class ExecutorActor:
             run.cancel()  # a no-op when finished; the caller went away otherwise
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
-    async def run(self, plan: ExecutionPlan) -> list[TaskResult]:
-        """All of a plan's results, primary first, for a caller that needs no stream."""
+    async def run(self, plan: ExecutionPlan) -> tuple[Admitted, list[TaskResult]]:
+        """The load at admission and all of a plan's results (primary first), for a
+        caller that needs no stream."""
         run = self._admit(plan, live=False)
+        admitted = Admitted(self.slots.total, self._unfinished - self.slots.total)
         try:
-            return list(await asyncio.gather(*run.jobs))
+            return admitted, list(await asyncio.gather(*run.jobs))
         finally:
             run.cancel()  # cancelled caller (ray.cancel): cancel every task
 

@@ -7,6 +7,7 @@ It also runs requests on them (`stream`), from the caller's process: see
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,9 +29,15 @@ from orchestration.errors import (
     PlacementError,
     RouterModelError,
 )
-from orchestration.models import ErrorEvent, ExpertTask, OrchestrateRequest, PlanEvent
+from orchestration.models import (
+    ErrorEvent,
+    ExecutorLoad,
+    ExpertTask,
+    OrchestrateRequest,
+    PlanEvent,
+)
 from orchestration.pipeline import finish_stream
-from orchestration.routing import needs_router, plan_request
+from orchestration.routing import plan_request, plannable_by_caller
 
 
 def replica_label(expert: str, index: int) -> str:
@@ -52,6 +59,8 @@ class Team:
         self.router: ActorHandle | None = None
         self.supervisor: Supervisor | None = None
         self.scaler: Scaler | None = None
+        # The executor's load as its latest admission reported it, and when (monotonic).
+        self.load_seen: tuple[ExecutorLoad, float] | None = None
 
     @property
     def experts(self) -> dict[str, ActorHandle]:
@@ -205,18 +214,24 @@ class Team:
         terminal `error` event. `live=False` returns no text before the end (cheaper).
         """
         assert self.router is not None and self.executor is not None
+        seen = self.load_seen
+        age = time.monotonic() - seen[1] if seen is not None else None
         try:
-            if needs_router(request):
-                plan = await self.router.plan.remote(request)
+            if plannable_by_caller(request, self.config, age):
+                plan = plan_request(request, self.config, seen[0] if seen else None)
             else:
-                plan = plan_request(request, self.config)
+                plan = await self.router.plan.remote(request)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
         if live:
             source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
+            if source.admitted is not None:
+                self.load_seen = (source.admitted, time.monotonic())
             events: AsyncIterator[Any] = source.events()
         else:
-            events = _replay(await settled_plan(plan, self.executor))
+            load, settled = await settled_plan(plan, self.executor)
+            self.load_seen = (load, time.monotonic())
+            events = _replay(settled)
         first = PlanEvent(request_id=plan.request_id, plan=plan)
         synthesize = self._synthesize if live else self._synthesize_settled
         finished = False
@@ -244,7 +259,8 @@ class Team:
 
     async def _synthesize_settled(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None
-        for event in await settled_plan(_one_task_plan(task), self.executor):
+        _, events = await settled_plan(_one_task_plan(task), self.executor)
+        for event in events:
             yield event
 
     # ------------------------------------------------------------------ health and stats

@@ -90,6 +90,9 @@ async def _bare_rps(slots: int, hops: int, seconds: float) -> float:
             ray.kill(actor)
 
 
+STREAM: dict[str, Any] = {}  # stream-section overrides (--hold, --backpressure)
+
+
 def _team(slots: int, **mock: Any) -> Any:
     from orchestration.config import parse_config
 
@@ -101,6 +104,7 @@ def _team(slots: int, **mock: Any) -> Any:
                    "thresholds": {"parallel_limited": 10_000, "serial": 10_000,
                                   "drop_normal_experts": 10_000}},
         "executor": {"max_in_flight": slots, "max_queue": 4 * CLIENTS},
+        "stream": STREAM,
     })
 
 
@@ -187,15 +191,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{slots:>4} slots: chorus {chorus['rps']:6.1f} req/s = {row['of_ideal']:.2f} of "
               f"ideal {ideal:.0f}; bare 1-hop {one:6.1f} (x{row['vs_1hop']:.2f}), "
               f"2-hop {two:6.1f} (x{row['vs_2hop']:.2f})", flush=True)
-    zero = await zero_work(100 if args.quick else 300)
-    report["zero_work"] = zero
-    print(f"zero-work: bare call {zero['bare_call_ms']:.2f} ms; chorus run "
-          f"{zero['run_ms']:.2f} ms (x{zero['run_ratio']:.2f}), stream {zero['stream_ms']:.2f} "
-          f"ms (x{zero['stream_ratio']:.2f})", flush=True)
-    first = await ttft(80 if args.quick else 400)
-    report["ttft_50ms_mock"] = first
-    print(f"TTFT (50 ms mock): p50 {first['p50_ms']:.1f} ms, p99 {first['p99_ms']:.1f} ms",
-          flush=True)
+    if "zero" not in args.skip:
+        zero = await zero_work(100 if args.quick else 300)
+        report["zero_work"] = zero
+        print(f"zero-work: bare call {zero['bare_call_ms']:.2f} ms; chorus run "
+              f"{zero['run_ms']:.2f} ms (x{zero['run_ratio']:.2f}), stream "
+              f"{zero['stream_ms']:.2f} ms (x{zero['stream_ratio']:.2f})", flush=True)
+    if "ttft" not in args.skip:
+        first = await ttft(80 if args.quick else 400)
+        report["ttft_50ms_mock"] = first
+        print(f"TTFT (50 ms mock): p50 {first['p50_ms']:.1f} ms, p99 {first['p99_ms']:.1f} ms",
+              flush=True)
     ray.shutdown()
     if args.vllm:
         import subprocess
@@ -221,8 +227,15 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--vllm", action="store_true")
+    parser.add_argument("--hold", type=float, help="stream.max_hold_s (default: the config's)")
+    parser.add_argument("--backpressure", type=int, help="stream.backpressure_objects")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "ttft"])
     parser.add_argument("--out", default="bench/results/stack.json")
     options = parser.parse_args()
+    if options.hold is not None:
+        STREAM["max_hold_s"] = options.hold
+    if options.backpressure is not None:
+        STREAM["backpressure_objects"] = options.backpressure
     result = asyncio.run(main(options))
     Path(options.out).parent.mkdir(parents=True, exist_ok=True)
     Path(options.out).write_text(json.dumps(result, indent=2))

@@ -163,6 +163,9 @@ class RouterConfig(_Section):
     thresholds: LoadThresholds = Field(default_factory=LoadThresholds)
     # The executor pushes its load to the router at most this often (when it changed).
     load_publish_s: PositiveFloat = 0.05
+    # A keywords team is planned by the caller (no router call) with the load the
+    # executor reported on the caller's latest admission, if it is at most this old.
+    local_load_max_age_s: NonNegFloat = 1.0
     # keywords: keyword hits only (no model); semantic: similarity to experts' routes;
     # hybrid: similarity plus `keyword_weight` when a keyword of the expert occurs.
     method: Literal["keywords", "semantic", "hybrid"] = "keywords"

@@ -106,6 +106,21 @@ def needs_router(request: OrchestrateRequest) -> bool:
     return bool(request.experts) and request.strategy is None
 
 
+def plannable_by_caller(request: OrchestrateRequest, config: ChorusConfig,
+                        load_age_s: float | None) -> bool:
+    """Can the caller run this policy itself, without a call to the router?
+
+    Yes when the request decides the plan (`needs_router` is False), and for a
+    `keywords` team (no model involved) when the caller has a load the executor reported
+    at most `router.local_load_max_age_s` ago (with its latest admission): the same
+    policy on the same kind of data the router would use. Otherwise the router plans.
+    """
+    if not needs_router(request):
+        return True
+    return (config.router.method == "keywords" and load_age_s is not None
+            and load_age_s <= config.router.local_load_max_age_s)
+
+
 def plan_request(
     request: OrchestrateRequest,
     config: ChorusConfig,

@@ -30,7 +30,8 @@ async def _expert_stats(team: Team, name: str) -> dict[str, Any]:
 
 
 async def _collect(team: Team, plan: ExecutionPlan) -> list[Any]:
-    return await team.executor.run.remote(plan)
+    _admitted, results = await team.executor.run.remote(plan)
+    return results
 
 
 def _single(expert: str, priority: int, request: str, timeout_s: float = 30) -> ExecutionPlan:
@@ -117,7 +118,7 @@ async def test_hanging_task_is_cancelled_at_its_deadline_and_retried() -> None:
         assert executor["counters"]["timed_out"] == 1 and executor["counters"]["retried"] == 2
         assert executor["outstanding_refs"] == 0
         # The run() view of the same failure carries the terminal status and attempts.
-        results = await team.executor.run.remote(_single("general", 10, "r2", timeout_s=0.3))
+        _, results = await team.executor.run.remote(_single("general", 10, "r2", timeout_s=0.3))
         assert results[0].status is TaskStatus.TIMEOUT and results[0].attempts == 3
         assert results[0].retry_waits == [0.2, 0.4]
 
