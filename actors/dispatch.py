@@ -52,7 +52,7 @@ class RayDispatcher:
 
     @asynccontextmanager
     async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[RayLease]:
-        grant = await self.slots.acquire(expert, self._plan_of(task.id), task.effective_priority)
+        grant = await self.slots.acquire(expert, self._plan_of(task.id), task.rank)
         try:
             pool = self.pools.get(expert)
             replica = pool.pick(time.monotonic()) if pool is not None else None

@@ -41,7 +41,7 @@ def _request(task: ExpertTask, key: str) -> GenerationRequest:
         temperature=task.temperature,
         seed=task.seed,
         sampling=task.sampling,
-        priority=task.effective_priority,
+        rank=task.rank,
     )
 
 
@@ -162,7 +162,7 @@ class ExpertActor:
         }
 
     def history(self) -> list[tuple[str, int]]:
-        """The engine's recent (request_id, priority) in arrival order (mock engines)."""
+        """The engine's recent (request_id, rank) in arrival order (mock engines)."""
         history = getattr(self.engine, "history", None)
         return history() if history is not None else []
 

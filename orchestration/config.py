@@ -113,7 +113,8 @@ class ExpertConfig(_Section):
     routes: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     # Overrides `router.score_threshold` for this expert.
     score_threshold: Score | None = None
-    priority: Literal["high", "normal"] = "normal"
+    # high: its tasks weigh 5 (others 1) and it is kept when load drops normal experts.
+    importance: Literal["high", "normal"] = "normal"
     max_concurrency: PositiveInt = 4  # per replica
     replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
     max_restarts: Annotated[int, Field(ge=-1)] = 3
@@ -204,8 +205,8 @@ class ExecutorConfig(_Section):
             ExecutionStrategy.PARALLEL_FULL: 4,
         }
     )
-    # Request priority shifts every task priority; 20 makes it dominate the 1..10 scale.
-    priority_shift: dict[Literal["high", "normal", "low"], int] = Field(
+    # A request's priority shifts its tasks' rank; 20 makes it dominate the 1..10 weights.
+    rank_shift: dict[Literal["high", "normal", "low"], int] = Field(
         default_factory=lambda: {"high": 20, "normal": 0, "low": -20}
     )
     # Async-actor concurrency: how many plans the executor serves at once.

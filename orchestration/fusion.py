@@ -130,14 +130,14 @@ def build_synthesis_task(
         f"Responses from models:\n\n{responses}\n\n"
         "Write the single best response to the user query."
     )
-    # It stands for the primary's answer, so it is dispatched with the primary's priority.
+    # It stands for the primary's answer, so it is dispatched with the primary's weight and rank.
     return ExpertTask(
         expert=synthesizer,
         prompt=prompt,
         system_prompt=SYNTHESIS_SYSTEM_PROMPT,
         role="synthesis",
-        priority=plan.primary.priority,
-        effective_priority=plan.primary.effective_priority,
+        weight=plan.primary.weight,
+        rank=plan.primary.rank,
         timeout_s=timeout_s,
         max_tokens=max_tokens,
         temperature=plan.primary.temperature,

@@ -49,10 +49,10 @@ class TaskStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-# The seeds' priority scale (p-queue priorities in TaskExecutor v3.0).
-PRIMARY_PRIORITY = 10
-HIGH_EXPERT_PRIORITY = 5
-EXPERT_PRIORITY = 1
+# The seeds' scale of task weights (p-queue priorities in TaskExecutor v3.0).
+PRIMARY_WEIGHT = 10
+HIGH_EXPERT_WEIGHT = 5
+EXPERT_WEIGHT = 1
 
 
 def new_id(prefix: str) -> str:
@@ -174,13 +174,14 @@ class ExpertTask(_Model):
     raw: bool = False  # `prompt` is sent as is, without the chat template
     sampling: Sampling = Field(default_factory=Sampling)
     role: Literal["primary", "expert", "synthesis"] = "expert"
-    priority: int = EXPERT_PRIORITY
+    # The seeds' scale: primary 10, high-importance experts 5, others 1.
+    weight: int = EXPERT_WEIGHT
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_tokens: Annotated[int, Field(ge=1)] = 256
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     seed: int | None = None
-    # Absolute dispatch priority across all plans (task priority shifted by the request's).
-    effective_priority: int = EXPERT_PRIORITY
+    # Dispatch order across all plans: the weight shifted by the request's priority.
+    rank: int = EXPERT_WEIGHT
     request_id: str | None = None
     # Set by the executor per dispatch; engines key their requests on (id, attempt).
     attempt: int = 1

@@ -15,7 +15,7 @@ from orchestration.models import (
     InferenceOptions,
     OrchestrateRequest,
 )
-from orchestration.scheduling import effective_priority, task_priority
+from orchestration.scheduling import dispatch_rank, task_weight
 from orchestration.tools import is_forced
 
 
@@ -174,10 +174,10 @@ def plan_request(
         chosen = chosen[: config.router.max_parallel_experts]
         reasons.append(f"specialists {[e.name for e in chosen]}")
         if load.total >= config.router.thresholds.drop_normal_experts:
-            dropped = [e.name for e in chosen if e.priority != "high"]
-            chosen = [e for e in chosen if e.priority == "high"]
+            dropped = [e.name for e in chosen if e.importance != "high"]
+            chosen = [e for e in chosen if e.importance == "high"]
             if dropped:
-                reasons.append(f"load {load.total}: dropped low-priority {dropped}")
+                reasons.append(f"load {load.total}: dropped normal-importance {dropped}")
 
     if request.strategy is not None:
         strategy = request.strategy
@@ -196,7 +196,7 @@ def plan_request(
     timeout_s = request.timeout_s or config.executor.task_timeout_s
 
     def task(expert: ExpertConfig, role: str) -> ExpertTask:
-        base = task_priority(role, expert.priority)
+        base = task_weight(role, expert.importance)
         return ExpertTask(
             expert=expert.name,
             prompt=request.prompt,
@@ -207,8 +207,8 @@ def plan_request(
             # contribution (docs/openai.md, "model: chorus").
             sampling=request.sampling if role == "primary" else request.sampling.for_specialists(),
             role=role,  # type: ignore[arg-type]
-            priority=base,
-            effective_priority=effective_priority(base, request.priority, config.executor),
+            weight=base,
+            rank=dispatch_rank(base, request.priority, config.executor),
             timeout_s=timeout_s,
             max_tokens=options.max_tokens,
             temperature=options.temperature,

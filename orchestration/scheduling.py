@@ -1,4 +1,4 @@
-"""Scheduling policy: the priority scale, strategy concurrency and the retry policy.
+"""Scheduling policy: weights and ranks, strategy concurrency and the retry policy.
 
 Data in, decision out, no Ray. The slots themselves (who dispatches now, under the
 three bounds) are `orchestration.slots.SlotScheduler`; `build_retrying` composes
@@ -22,26 +22,30 @@ from tenacity.wait import wait_base
 from orchestration.config import ExecutorConfig, RetryConfig
 from orchestration.errors import TransientError
 from orchestration.models import (
-    EXPERT_PRIORITY,
-    HIGH_EXPERT_PRIORITY,
-    PRIMARY_PRIORITY,
+    EXPERT_WEIGHT,
+    HIGH_EXPERT_WEIGHT,
+    PRIMARY_WEIGHT,
     ExecutionStrategy,
     RequestPriority,
 )
 
-# ------------------------------------------------------------------ priority scale
+# ------------------------------------------------------------------ dispatch order
+#
+# One name, one meaning: *priority* is only the caller's (high | normal | low); an
+# expert's *importance* (high | normal) gives its tasks a *weight* on the seeds' scale;
+# a task's *rank* (weight shifted by its request's priority) orders dispatch.
 
 
-def task_priority(role: str, expert_priority: str = "normal") -> int:
-    """The seeds' scale: primary 10, HIGH experts 5, others 1."""
+def task_weight(role: str, importance: str = "normal") -> int:
+    """A task's weight on the seeds' scale: primary 10, high-importance experts 5, others 1."""
     if role in ("primary", "synthesis"):
-        return PRIMARY_PRIORITY
-    return HIGH_EXPERT_PRIORITY if expert_priority == "high" else EXPERT_PRIORITY
+        return PRIMARY_WEIGHT
+    return HIGH_EXPERT_WEIGHT if importance == "high" else EXPERT_WEIGHT
 
 
-def effective_priority(base: int, request: RequestPriority, config: ExecutorConfig) -> int:
-    """Shift a task's priority by its request's priority (high/normal/low)."""
-    return base + config.priority_shift[request.value]
+def dispatch_rank(base: int, request: RequestPriority, config: ExecutorConfig) -> int:
+    """A task's dispatch rank: its weight shifted by its request's priority (larger first)."""
+    return base + config.rank_shift[request.value]
 
 
 def strategy_concurrency(strategy: ExecutionStrategy, config: ExecutorConfig) -> int:

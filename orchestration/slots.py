@@ -1,7 +1,7 @@
 """Dispatch slots: who may send a task to an expert now, under the three bounds.
 
 `SlotScheduler` parks tasks until a slot is free and grants them strictly by
-priority (then arrival) across every plan, never exceeding `max_in_flight` in all,
+rank (then arrival) across every plan, never exceeding `max_in_flight` in all,
 an expert's limit, or a plan's strategy concurrency. No Ray, no clock.
 
 A waiter's life is one of two paths, and nothing else:
@@ -39,21 +39,21 @@ class Grant:
 
     expert: str
     plan_id: str
-    priority: int
+    rank: int  # larger first
     seq: int
     future: asyncio.Future[None] | None = field(default=None, repr=False)
     state: WaiterState = WaiterState.WAITING
 
     @property
     def key(self) -> tuple[int, int]:
-        return (-self.priority, self.seq)  # higher priority first, then first come
+        return (-self.rank, self.seq)  # higher rank first, then first come
 
     def __lt__(self, other: Grant) -> bool:  # heap order
         return self.key < other.key
 
 
 class SlotScheduler:
-    """Grants dispatch slots by priority across all plans; one instance spans them all.
+    """Grants dispatch slots by rank across all plans; one instance spans them all.
 
     Waiters sit in one heap per expert. A grant takes the best head among experts
     with room; a head whose plan is full is parked with its plan until that plan
@@ -121,9 +121,9 @@ class SlotScheduler:
 
     # ------------------------------------------------------------------ acquire / release
 
-    async def acquire(self, expert: str, plan_id: str, priority: int) -> Grant:
+    async def acquire(self, expert: str, plan_id: str, rank: int) -> Grant:
         """Wait for a slot. Cancelling the caller withdraws it, or returns a late grant."""
-        grant = Grant(expert, plan_id, priority, next(self._seq))
+        grant = Grant(expert, plan_id, rank, next(self._seq))
         grant.future = asyncio.get_running_loop().create_future()
         self._waiting += 1
         self.waiting_per_expert[expert] += 1
@@ -184,7 +184,7 @@ class SlotScheduler:
                 grant.future.cancel()
 
     def _best_head(self) -> Grant | None:
-        """The highest-priority live waiter among experts with room (drops dead heads)."""
+        """The highest-ranked live waiter among experts with room (drops dead heads)."""
         best: Grant | None = None
         for expert, heap in self._heaps.items():
             while heap and heap[0].state is not WaiterState.WAITING:

@@ -34,13 +34,13 @@ async def _collect(team: Team, plan: ExecutionPlan) -> list[Any]:
     return results
 
 
-def _single(expert: str, priority: int, request: str, timeout_s: float = 30) -> ExecutionPlan:
-    task = ExpertTask(expert=expert, prompt=request, role="primary", priority=priority,
-                      effective_priority=priority, request_id=request, timeout_s=timeout_s)
+def _single(expert: str, rank: int, request: str, timeout_s: float = 30) -> ExecutionPlan:
+    task = ExpertTask(expert=expert, prompt=request, role="primary", weight=rank,
+                      rank=rank, request_id=request, timeout_s=timeout_s)
     return ExecutionPlan(request_id=request, strategy=ExecutionStrategy.SERIAL, primary=task)
 
 
-async def test_priority_orders_dispatch_across_plans() -> None:
+async def test_rank_orders_dispatch_across_plans() -> None:
     # The blocker hangs on `code` and holds the only in-flight slot; the rest queue behind.
     config = make_config(executor={"max_in_flight": 1},
                          experts={"code": {"mock": {"hang_every": 1}}})

@@ -62,8 +62,8 @@ def plan() -> ExecutionPlan:
             expert="general",
             prompt=QUESTION,
             role="primary",
-            priority=10,
-            effective_priority=30,
+            weight=10,
+            rank=30,
             temperature=0.3,
             seed=7,
         ),
@@ -148,11 +148,11 @@ def test_unknown_strategy_is_refused() -> None:
 # ------------------------------------------------------------------------------ synthesis
 
 
-def test_synthesis_task_carries_the_primary_priority_and_the_moa_prompt() -> None:
+def test_synthesis_task_carries_the_primary_weight_and_rank_and_the_moa_prompt() -> None:
     task = build_synthesis_task(plan(), PRIMARY, [CODE, CUDA, CRITIC], "critic", 333, 12.5)
     assert task.role == "synthesis"
     assert task.expert == "critic"
-    assert (task.priority, task.effective_priority) == (10, 30)
+    assert (task.weight, task.rank) == (10, 30)
     assert (task.max_tokens, task.timeout_s) == (333, 12.5)
     assert (task.temperature, task.seed, task.request_id) == (0.3, 7, "req-1")
     assert task.system_prompt == SYNTHESIS_SYSTEM_PROMPT

@@ -18,7 +18,7 @@ def test_keywords_pick_the_specialist() -> None:
     plan = plan_request(OrchestrateRequest(prompt=prompt, primary="general"), config)
     assert plan.primary.expert == "general"
     assert [t.expert for t in plan.experts] == ["code"]
-    assert plan.primary.priority == 10 and plan.experts[0].priority == 5
+    assert plan.primary.weight == 10 and plan.experts[0].weight == 5
     assert plan.strategy is ExecutionStrategy.PARALLEL_FULL
     # Unforced, the best fit leads: code, with nobody else matching.
     fit = plan_request(OrchestrateRequest(prompt=prompt), config)
@@ -31,7 +31,7 @@ def test_no_keyword_means_primary_only() -> None:
     assert plan.experts == []
 
 
-def test_load_degrades_strategy_and_drops_low_priority_experts() -> None:
+def test_load_degrades_strategy_and_drops_normal_importance_experts() -> None:
     config = make_config(router={"method": "keywords"})
     prompt = "review the python code and calculate the sum"
     idle = plan_request(OrchestrateRequest(prompt=prompt), config, ExecutorLoad())
@@ -54,7 +54,7 @@ def test_caller_overrides_are_honoured_even_under_load() -> None:
     plan = plan_request(request, config, ExecutorLoad(queued=100))
     assert [t.expert for t in plan.experts] == ["critic", "math"]
     assert plan.strategy is ExecutionStrategy.PARALLEL_LIMITED
-    assert plan.primary.effective_priority == 30  # 10 shifted by a high request (+20)
+    assert plan.primary.rank == 30  # 10 shifted by a high request (+20)
 
 
 @pytest.mark.parametrize(("field", "value", "path"), [

@@ -94,8 +94,8 @@ def test_load_still_degrades_and_drops_normal_specialists() -> None:
     assert busy.strategy is ExecutionStrategy.PARALLEL_LIMITED and len(busy.experts) == 2
     swamped = plan_request(request, config, ExecutorLoad(active=16, queued=20), similarity)
     assert swamped.strategy is ExecutionStrategy.SERIAL
-    assert _consulted(swamped) == ["math", "code"]  # critic is normal priority, code high
-    assert "load 36: dropped low-priority ['critic']" in swamped.reason
+    assert _consulted(swamped) == ["math", "code"]  # critic is of normal importance, code high
+    assert "load 36: dropped normal-importance ['critic']" in swamped.reason
 
 
 def test_thresholds_and_ratio_decide_and_the_reason_shows_the_scores() -> None:

@@ -57,15 +57,15 @@ async def test_waiter_granted_then_cancelled_before_it_resumes_returns_its_slot(
     assert (slots.total, slots.waiting, slots.live()) == (0, 0, [])
 
 
-async def test_grants_follow_priority_then_arrival_skipping_full_experts_and_plans() -> None:
+async def test_grants_follow_rank_then_arrival_skipping_full_experts_and_plans() -> None:
     slots = SlotScheduler(2, {"x": 1, "y": 2})
     for plan, limit in (("p", 1), ("q", 4)):
         slots.open_plan(plan, limit)
     blockers = [await slots.acquire("x", "q", 99), await slots.acquire("y", "q", 99)]
     order: list[str] = []
 
-    async def claim(name: str, expert: str, plan: str, priority: int) -> Grant:
-        grant = await slots.acquire(expert, plan, priority)
+    async def claim(name: str, expert: str, plan: str, rank: int) -> Grant:
+        grant = await slots.acquire(expert, plan, rank)
         order.append(name)
         return grant
 
@@ -130,10 +130,10 @@ class SlotMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.open)
     @rule(data=st.data(), expert=st.sampled_from(sorted(EXPERTS)),
-          priority=st.integers(-20, 40))
-    def acquire(self, data: st.DataObject, expert: str, priority: int) -> None:
+          rank=st.integers(-20, 40))
+    def acquire(self, data: st.DataObject, expert: str, rank: int) -> None:
         plan = data.draw(st.sampled_from(sorted(self.open)))
-        self.pending.append(self.loop.create_task(self.slots.acquire(expert, plan, priority)))
+        self.pending.append(self.loop.create_task(self.slots.acquire(expert, plan, rank)))
         self._settle()
 
     @precondition(lambda self: self.pending)

@@ -147,13 +147,13 @@ async def test_priority_is_passed_to_vllms_scheduler(engine):
     first_delta: dict[str, float] = {}
     loop = asyncio.get_running_loop()
 
-    async def run(name: str, priority: int) -> None:
+    async def run(name: str, rank: int) -> None:
         request = GenerationRequest(
             request_id=name,
             messages=user("Write a long essay about the history of bread."),
             max_tokens=96,
             temperature=0.0,
-            priority=priority,
+            rank=rank,
         )
         async for _ in engine.stream(request):
             first_delta.setdefault(name, loop.time())

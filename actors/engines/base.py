@@ -58,7 +58,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = None
     sampling: Sampling = Field(default_factory=Sampling)
     # Larger means sooner; engines with their own scheduler map it (vLLM: lower first).
-    priority: int = 0
+    rank: int = 0
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:

@@ -80,7 +80,7 @@ class MockEngine:
         self.completed = 0
         self.failed = 0
         self.tokens_out = 0  # tokens produced (delivered in deltas), all requests
-        # (request_id, priority) of the last HISTORY requests, in arrival order.
+        # (request_id, rank) of the last HISTORY requests, in arrival order.
         self.seen: deque[tuple[str, int]] = deque(maxlen=HISTORY)
 
     async def start(self) -> None:
@@ -93,7 +93,7 @@ class MockEngine:
         opts = self.options
         self.requests += 1
         n = self.requests
-        self.seen.append((request.request_id, request.priority))
+        self.seen.append((request.request_id, request.rank))
         self.active += 1
         self.peak_active = max(self.peak_active, self.active)
         try:
@@ -203,7 +203,7 @@ class MockEngine:
         }
 
     def history(self) -> list[tuple[str, int]]:
-        """(request_id, priority) of the last requests, in the order they arrived."""
+        """(request_id, rank) of the last requests, in the order they arrived."""
         return list(self.seen)
 
     async def shutdown(self) -> None:

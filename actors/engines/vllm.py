@@ -127,7 +127,7 @@ class VLLMEngine:
         self.priority_scheduling = False
         self._exit_scheduled = False
         self._probe = _SchedulerProbe()
-        # The last requests as the engine saw them: (request_id, priority) and
+        # The last requests as the engine saw them: (request_id, rank) and
         # (request_id, rendered prompt), for tests and debugging (bounded).
         self.seen: deque[tuple[str, int]] = deque(maxlen=HISTORY)
         self.rendered: deque[tuple[str, str]] = deque(maxlen=HISTORY)
@@ -217,9 +217,9 @@ class VLLMEngine:
         except (VLLMClientError, ValueError) as exc:  # e.g. an unusable JSON schema
             field = _field_of(exc, request)
             raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
-        # Our priority: larger = sooner. vLLM's: smaller = sooner. Only a `priority`
+        # Our rank: larger = sooner. vLLM's: smaller = sooner. Only a `priority`
         # scheduler reads it (FCFS ignores it; older vLLM versions rejected it).
-        extra = {"priority": -request.priority} if self.priority_scheduling else {}
+        extra = {"priority": -request.rank} if self.priority_scheduling else {}
         # A fresh id per attempt: a retry must never be hit by a late abort of the
         # attempt it replaces (vLLM aborts every request sharing an external id).
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
@@ -227,7 +227,7 @@ class VLLMEngine:
         counts["requests"] += 1
         counts["active"] += 1
         counts["peak_active"] = max(counts["peak_active"], counts["active"])
-        self.seen.append((request.request_id, request.priority))
+        self.seen.append((request.request_id, request.rank))
         gen = engine.generate(
             prompt,
             params,
@@ -284,7 +284,7 @@ class VLLMEngine:
             await gen.aclose()
 
     def history(self) -> list[tuple[str, int]]:
-        """(request_id, priority) of the last requests, in the order they arrived."""
+        """(request_id, rank) of the last requests, in the order they arrived."""
         return list(self.seen)
 
     def prompts(self) -> list[tuple[str, str]]:

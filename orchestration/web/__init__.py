@@ -69,7 +69,7 @@ def page_options(config: ChorusConfig, auth: bool) -> dict[str, Any]:
     return {
         "experts": [
             {"name": e.name, "description": e.description, "keywords": list(e.keywords),
-             "priority": e.priority}
+             "importance": e.importance}
             for e in config.experts
         ],
         "primary": config.router.primary,

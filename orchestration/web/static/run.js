@@ -73,7 +73,7 @@ class Run {
     card.dataset.expert = task.expert;
     const head = Chorus.el("header");
     head.append(Chorus.el("strong", "who", task.expert), " ", Chorus.el("span", "state"));
-    card.append(head, Chorus.el("p", "meta", `priority ${task.priority}`),
+    card.append(head, Chorus.el("p", "meta", `weight ${task.weight} · rank ${task.rank}`),
                 Chorus.el("p", "reason"), Chorus.el("div", "text"));
     setState(card, "queued");
     document.getElementById("cards").append(card);
