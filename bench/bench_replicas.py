@@ -17,7 +17,8 @@ from typing import Any
 
 import ray
 
-from bench.bench_stack import TASK_S, TOKEN_S, TOKENS, _closed_loop
+# bench/ is on sys.path when this runs as a script (`python bench/bench_replicas.py`).
+from bench_stack import TASK_S, TOKEN_S, TOKENS, _closed_loop
 
 
 def _team(replicas: int, per_replica: int) -> Any:

@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import os
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -189,12 +190,13 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     results = []
-    for name in args.targets:
-        async with TARGETS[name](expert, args) as generate:
-            results.append(await measure(name, generate, prompts, count))
-        # AsyncLLM sits in reference cycles; collect it now, while vLLM's modules are
-        # alive, not at interpreter exit (where its __del__ fails noisily).
-        gc.collect()
+    for _ in range(args.rounds):  # alternated, so drift on a busy machine hits all alike
+        for name in args.targets:
+            async with TARGETS[name](expert, args) as generate:
+                results.append(await measure(name, generate, prompts, count))
+            # AsyncLLM sits in reference cycles; collect it now, while vLLM's modules are
+            # alive, not at interpreter exit (where its __del__ fails noisily).
+            gc.collect()
     return results
 
 
@@ -211,7 +213,21 @@ def report(results: list[Result]) -> str:
     if len(results) > 1:
         same = all(r.texts == results[0].texts for r in results[1:])
         lines.append(f"identical texts across targets (temperature 0): {same}")
+    medians = median_ratios(results)
+    if len(results) > len(medians):
+        lines.append("median over rounds: " + ", ".join(
+            f"{name} {ratio:.2f}" for name, ratio in medians.items()))
     return "\n".join(lines)
+
+
+def median_ratios(results: list[Result]) -> dict[str, float]:
+    """Each target's median tokens/s over the rounds, as a ratio to the baseline's median."""
+    by_target: dict[str, list[float]] = {}
+    for r in results:
+        by_target.setdefault(r.target, []).append(r.tokens_per_s)
+    medians = {name: statistics.median(values) for name, values in by_target.items()}
+    base = medians[results[0].target] if results else 0.0
+    return {name: value / base for name, value in medians.items()} if base else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         default=list(TARGETS),
         help=f"comma-separated, first is the baseline ({', '.join(TARGETS)})",
     )
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the targets this many times, alternated; report medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     unknown = [t for t in args.targets if t not in TARGETS]
@@ -237,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run(args))
     print(report(results))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps({"runs": [asdict(r) for r in results],
+                                         "median_ratio": median_ratios(results)}, indent=2))
     return 0
 
 
