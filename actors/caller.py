@@ -103,12 +103,12 @@ class LivePlan:
                     reader.cancel()
             if not self.finished:
                 # The caller went away (or failed): nothing of this request may keep
-                # running. Cancelling the stream cancels every task of the plan, and
-                # each reader stops its replica-side generator.
+                # running. Cancelling the stream cancels every task of the plan (the
+                # executor's `stream` cancels its run on the way out), and each reader
+                # stops its replica-side generator.
                 for reader in readers:
                     reader.cancel()
                 ray.cancel(self.gen)
-                self.executor.cancel.remote(self.plan.request_id)
 
     async def _records(self, queue: asyncio.Queue[tuple[str, Any]]) -> None:
         try:
