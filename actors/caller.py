@@ -81,10 +81,10 @@ class LivePlan:
                 if kind == "error":
                     raise item
                 step = self.assembly.on_records(item)
-                # `step.stop`: attempts whose text no longer counts. Their channels are
-                # closed (the attempt ended), so their readers end by themselves; the
-                # assembly ignores whatever they still deliver. Cancelling them would
-                # cost a call per attempt and stop nothing that would not stop anyway.
+                # Readers of attempts whose text no longer counts are left to end: their
+                # channels closed when the attempt ended, and the assembly ignores what
+                # they still deliver. Cancelling them would cost a call per attempt and
+                # stop nothing that would not stop anyway.
                 readers += [asyncio.ensure_future(self._read(order, queue)) for order in step.read]
                 # Set before yielding `done`: the consumer may stop right after it.
                 self.finished = step.done

@@ -3,8 +3,10 @@
 Text and control travel on two paths (docs/token-path.md): the executor's records
 say which attempt of which task runs where and how each task ended; the expert's
 channel carries the text of a streamed attempt. `Assembly` merges them into the
-caller's event sequence, and tells its driver (the Ray layer, `actors/team.py`)
-which channel to read from and which reader to stop. No I/O, no Ray.
+caller's event sequence, and tells its driver (the Ray layer, `actors/caller.py`)
+which channel to read from. A reader of an attempt that no longer counts is not
+stopped: its channel closed when the attempt ended, and its text is ignored here.
+No I/O, no Ray.
 
 Rules, per streamed task (the primary, a synthesis, or any task with `stream_experts`):
 - text counts only from the task's *current* attempt; a lagging reader of an earlier
@@ -47,11 +49,10 @@ class ReadOrder:
 
 @dataclass
 class Step:
-    """What the driver does after feeding records: emit events, start or stop readers."""
+    """What the driver does after feeding records: emit events, start readers."""
 
     events: list[Any] = field(default_factory=list)
     read: list[ReadOrder] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)  # attempt keys whose readers can go
     done: bool = False
 
 
@@ -118,8 +119,6 @@ class Assembly:
         stream = self.streams.get(task.id)
         if stream is None:
             return
-        if stream.key is not None:
-            step.stop.append(stream.key)
         if record.expert != stream.expert:  # first attempt, or a fallback: restart
             stream.expert, stream.emitted = record.expert, 0
         stream.attempt, stream.key = record.attempt, record.key
@@ -129,8 +128,6 @@ class Assembly:
         self.results[result.task_id] = result
         stream = self.streams.get(result.task_id)
         if stream is not None:
-            if stream.key is not None:
-                step.stop.append(stream.key)
             stream.key = None
             if result.ok and result.result is not None:
                 if stream.expert != (result.served_by or [result.expert])[-1]:
