@@ -60,7 +60,9 @@ class _Choice:
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
         if delta.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + delta.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)  # per delta: no copy of what came before
 
 
 @ray.remote
