@@ -104,7 +104,12 @@ class ExecutorActor:
     # ------------------------------------------------------------------ public API
 
     def load(self) -> ExecutorLoad:
-        return ExecutorLoad(active=self.slots.total, queued=self._unfinished - self.slots.total)
+        active, queued = self._load()
+        return ExecutorLoad(active=active, queued=queued)
+
+    def _load(self) -> tuple[int, int]:
+        """(active, queued): tasks holding a slot, and accepted tasks still waiting."""
+        return self.slots.total, self._unfinished - self.slots.total
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def stream(self, plan: ExecutionPlan) -> AsyncIterator[list[Record]]:
@@ -116,7 +121,7 @@ class ExecutorActor:
             # reader sooner).
             await asyncio.sleep(0)
             first, run.outbox = run.outbox, []
-            yield [Admitted(self.slots.total, self._unfinished - self.slots.total), *first]
+            yield [Admitted(*self._load()), *first]
             async for batch in run.batches():
                 yield batch
         finally:
@@ -127,7 +132,7 @@ class ExecutorActor:
         """The load at admission and all of a plan's results (primary first), for a
         caller that needs no stream."""
         run = self._admit(plan, live=False)
-        admitted = Admitted(self.slots.total, self._unfinished - self.slots.total)
+        admitted = Admitted(*self._load())
         try:
             return admitted, list(await asyncio.gather(*run.jobs))
         finally:
@@ -167,7 +172,7 @@ class ExecutorActor:
         return {
             "pid": os.getpid(),
             "ok": not wedged and len(live) == self.slots.total,
-            "active": self.slots.total, "queued": self._unfinished - self.slots.total,
+            "active": self.slots.total, "queued": self._load()[1],
             "waiting": self.slots.waiting, "free_slots": self.slots.max_in_flight - self.slots.total,
             "seconds_since_progress": round(idle_for, 3), "wedged": wedged,
             "accounting_ok": len(live) == self.slots.total,
@@ -221,7 +226,7 @@ class ExecutorActor:
         self._load_changed()
 
     def _admit(self, plan: ExecutionPlan, live: bool) -> RequestRun:
-        queued = self._unfinished - self.slots.total
+        queued = self._load()[1]
         limit = self.config.executor.max_queue
         if queued + len(plan.tasks) > limit:
             self.counters["refused"] += 1
@@ -280,7 +285,7 @@ class ExecutorActor:
         """Push the load to the router and the gauges at most every `publish_s`."""
         sent: tuple[int, int] | None = None
         while True:
-            load = (self.slots.total, self._unfinished - self.slots.total)
+            load = self._load()
             if load == sent:
                 return  # nothing changed since the last push: stop until the next change
             metrics().in_flight.set(load[0])
