@@ -97,41 +97,68 @@ def json_constraint(sampling: Sampling) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ example values
 
 
-def example_instance(schema: Any, defs: dict[str, Any] | None = None, depth: int = 0) -> Any:
+EXAMPLE_NODES = 2000  # values one example may hold: a client's schema must not blow it up
+
+
+def example_instance(schema: Any, defs: dict[str, Any] | None = None) -> Any:
     """A deterministic value valid against `schema` (the subset clients send: objects,
-    arrays, scalars, enum/const, anyOf/oneOf/allOf, $ref into $defs)."""
-    if not isinstance(schema, dict) or depth > 16:
-        return None
-    defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
-    if "$ref" in schema:
-        return example_instance(defs.get(schema["$ref"].rsplit("/", 1)[-1], {}), defs, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf"):
-        if schema.get(key):
-            return example_instance(schema[key][0], defs, depth + 1)
-    if schema.get("allOf"):
-        merged: dict[str, Any] = {}
-        for part in schema["allOf"]:
-            merged.update(part)
-        return example_instance(merged, defs, depth + 1)
-    kind = schema.get("type", "object" if "properties" in schema else "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object":
-        props = schema.get("properties", {})
-        return {name: example_instance(sub, defs, depth + 1) for name, sub in props.items()}
-    if kind == "array":
-        count = max(1, int(schema.get("minItems", 1)))
-        return [example_instance(schema.get("items", {}), defs, depth + 1)] * count
-    if kind == "integer":
-        return int(schema.get("minimum", 1))
-    if kind == "number":
-        return float(schema.get("minimum", 1.5))
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    return "x" * max(int(schema.get("minLength", 0)), 1) if "minLength" in schema else "chorus"
+    arrays, scalars, enum/const, anyOf/oneOf/allOf, $ref into $defs).
+
+    The schema is the caller's: whatever it asks (`minItems: 1e20`, arrays nested in
+    arrays, `$ref: 5`), the value stays within `EXAMPLE_NODES` values and never raises;
+    past the budget the rest is `null`."""
+    return _Example(EXAMPLE_NODES).value(schema, defs or {}, 0)
+
+
+def _number(value: Any, default: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return value if ok and abs(value) < 1e15 else default
+
+
+class _Example:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def value(self, schema: Any, defs: dict[str, Any], depth: int) -> Any:
+        self.budget -= 1
+        if not isinstance(schema, dict) or depth > 16 or self.budget < 0:
+            return None
+        for key in ("$defs", "definitions"):
+            if isinstance(schema.get(key), dict):
+                defs = {**defs, **schema[key]}
+        if isinstance(schema.get("$ref"), str):
+            return self.value(defs.get(schema["$ref"].rsplit("/", 1)[-1]), defs, depth + 1)
+        if "const" in schema:
+            return schema["const"]
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return schema["enum"][0]
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list) and schema[key]:
+                return self.value(schema[key][0], defs, depth + 1)
+        if isinstance(schema.get("allOf"), list):
+            merged: dict[str, Any] = {}
+            for part in schema["allOf"]:
+                if isinstance(part, dict):
+                    merged.update(part)
+            return self.value(merged, defs, depth + 1)
+        kind = schema.get("type", "object" if "properties" in schema else "string")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind == "object":
+            props = schema.get("properties")
+            props = props if isinstance(props, dict) else {}
+            return {name: self.value(sub, defs, depth + 1) for name, sub in props.items()}
+        if kind == "array":
+            count = int(min(max(_number(schema.get("minItems"), 1), 1), 64))
+            return [self.value(schema.get("items"), defs, depth + 1) for _ in range(count)]
+        if kind == "integer":
+            return int(_number(schema.get("minimum"), 1))
+        if kind == "number":
+            return float(_number(schema.get("minimum"), 1.5))
+        if kind == "boolean":
+            return True
+        if kind == "null":
+            return None
+        if "minLength" in schema:
+            return "x" * int(min(max(_number(schema["minLength"], 1), 1), 4096))
+        return "chorus"

@@ -245,6 +245,18 @@ def test_example_instances_validate_against_their_schema() -> None:
         jsonschema.validate(example_instance(schema), schema)
 
 
+def test_a_callers_schema_cannot_blow_up_or_break_the_mock() -> None:
+    nested: dict = {"type": "integer"}
+    for _ in range(6):  # 50^6 values if taken at their word
+        nested = {"type": "array", "items": nested, "minItems": 50}
+    hostile = [nested, {"$ref": 5}, {"$defs": [], "type": "object"},
+               {"type": "integer", "minimum": "a"}, {"type": "array", "minItems": 1e20},
+               {"type": "string", "minLength": 10**12}, {"allOf": [3, {"type": "boolean"}]}]
+    sizes = [len(json.dumps(example_instance(schema))) for schema in hostile]
+    assert max(sizes) < 20_000, sizes
+    assert [example_instance(s) for s in hostile[1:4]] == ["chorus", {}, 1]  # leniently read
+
+
 def test_forced_tool_choice_schemas_and_their_calls() -> None:
     named = Sampling.model_validate({"tools": [WEATHER], "tool_choice": {
         "type": "function", "function": {"name": "get_weather"}}})
