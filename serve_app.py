@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
@@ -35,7 +34,7 @@ from orchestration.errors import (
     NotFoundError,
     UnauthorizedError,
 )
-from orchestration.http_input import correlation_id, parse_body
+from orchestration.http_input import correlation_id, parse_body, too_large
 from orchestration.models import OrchestrateRequest, new_id
 from orchestration.openai_compat import (
     PRIORITY_HEADER,
@@ -97,13 +96,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         error = ChorusError(str(exc.detail))
         error.status = exc.status_code
     return _error_response(request, error)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": ("<body>",), "msg": "invalid"}
-    field = ".".join(str(p) for p in first["loc"][1:]) or "<body>"
-    return _error_response(request, BadRequestError(f"{field}: {first['msg']}", field=field))
 
 
 @api.exception_handler(Exception)
@@ -170,8 +162,14 @@ class ChorusIngress:
         limits = self.config.server
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_body_bytes:
-            parse_body(b" " * (limits.max_body_bytes + 1), limits.max_body_bytes, 0)  # 413
-        return parse_body(await request.body(), limits.max_body_bytes, limits.max_json_depth)
+            raise too_large(int(declared), limits.max_body_bytes)
+        # Read in chunks and stop past the bound: a chunked upload declares no length.
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise too_large(len(raw), limits.max_body_bytes, declared=False)
+        return parse_body(bytes(raw), limits.max_body_bytes, limits.max_json_depth)
 
     def _bounds(self, req: OrchestrateRequest) -> None:
         limits = self.config.server
@@ -316,10 +314,12 @@ class ChorusIngress:
                 yield event
         finally:
             await events.aclose()  # caller gone: Team.stream cancels every task
-            metrics().requests.inc(tags={"route": route, "outcome": outcome})
+            # A stream that never reached `done` or `error` ended with its caller.
+            ended = "disconnected" if outcome == "streaming" else outcome
+            metrics().requests.inc(tags={"route": route, "outcome": ended})
             latency = time.monotonic() - started
             metrics().latency.observe(latency, tags={"route": route})
-            self.telemetry.record(latency, ttft, "disconnected" if outcome == "streaming" else outcome)
+            self.telemetry.record(latency, ttft, ended)
 
     async def _relay(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[str]:
         async for event in self._timed(first, events, route):

@@ -196,7 +196,8 @@ def _union_tag(part: str) -> bool:
         ("function-", "literal", "tagged-union"))
 
 
-def _format_loc(loc: tuple[int | str, ...], drop_tags: bool = False) -> str:
+def format_loc(loc: tuple[int | str, ...], drop_tags: bool = False, empty: str = "<root>") -> str:
+    """A field path as pydantic's errors are written here: `messages[0].content`."""
     path = ""
     for part in loc:
         if drop_tags and isinstance(part, str) and _union_tag(part):
@@ -205,7 +206,7 @@ def _format_loc(loc: tuple[int | str, ...], drop_tags: bool = False) -> str:
             path += f"[{part}]"
         else:
             path += f".{part}" if path else str(part)
-    return path or "<root>"
+    return path or empty
 
 
 def format_validation_error(error: ValidationError, prefix: str = "",
@@ -218,7 +219,7 @@ def format_validation_error(error: ValidationError, prefix: str = "",
         if isinstance(ctx_error, FieldError):
             lines.append(f"{prefix}{ctx_error}")
             continue
-        path = _format_loc(tuple(item["loc"]), drop_tags)
+        path = format_loc(tuple(item["loc"]), drop_tags)
         lines.append(f"{prefix}{path}: {item['msg']}")
     return "\n".join(lines)
 

@@ -132,7 +132,7 @@ class Sampling(_Model):
         if self.calls_tools and self.response_format and self.response_format.constrained:
             raise FieldError("response_format", "cannot be combined with tools")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise FieldError("logit_bias", f"keys are token ids, not {key[:20]!r}")
         return self
 

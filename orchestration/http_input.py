@@ -26,6 +26,7 @@ from orchestration.errors import (
     BodyTooLargeError,
     InvalidHeaderError,
     InvalidJSONError,
+    format_loc,
 )
 
 MAX_INT_DIGITS = 30  # far beyond any count or seed Chorus takes; bounds the work
@@ -54,49 +55,62 @@ def _constant(name: str) -> Any:
     return _Bad(f"{name} is not a valid JSON number")
 
 
-def _path(parts: list[str | int]) -> str:
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
-    return path or "<body>"
+def _path(link: tuple[Any, str | int] | None) -> str:
+    """The field path of a linked (parent, key) chain, built only when reporting."""
+    parts: list[str | int] = []
+    while link is not None:
+        link, key = link
+        parts.append(key)
+    return format_loc(tuple(reversed(parts)), empty="<body>")
 
 
 def _check(value: Any, max_depth: int) -> None:
-    """Walk the parsed value (iteratively): depth, bad numbers, unencodable text."""
-    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    """Walk the parsed value (iteratively): depth, bad numbers, unencodable text.
+
+    Only containers go on the stack, each with its depth and a link to its parent (no
+    path copied per node): a 2 MiB body must not cost the event loop seconds.
+    """
+    stack: list[tuple[Any, int, tuple[Any, str | int] | None]] = [(value, 0, None)]
     while stack:
-        item, path = stack.pop()
-        if len(path) > max_depth:
+        item, depth, link = stack.pop()
+        if item and depth >= max_depth:  # its children would lie deeper than max_depth
             raise InvalidJSONError(f"<body>: JSON nested deeper than {max_depth} levels",
                                    field="<body>")
-        if isinstance(item, _Bad):
-            raise BadRequestError(f"{_path(path)}: {item.why}", field=_path(path))
-        if isinstance(item, str):
-            _encodable(item, path)
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                _encodable(key, path, key=True)
-                stack.append((child, [*path, key]))
-        elif isinstance(item, list):
-            stack.extend((child, [*path, i]) for i, child in enumerate(item))
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in pairs:
+            if isinstance(key, str):
+                _encodable(key, link, key=True)
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1, (link, key)))
+            elif isinstance(child, str):
+                _encodable(child, (link, key))
+            elif isinstance(child, _Bad):
+                where = _path((link, key))
+                raise BadRequestError(f"{where}: {child.why}", field=where)
 
 
-def _encodable(text: str, path: list[str | int], key: bool = False) -> None:
+def _encodable(text: str, link: tuple[Any, str | int] | None, key: bool = False) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        where = _path(path)
+        where = _path(link)
         what = "a key" if key else "text"
         raise BadRequestError(
             f"{where}: {what} with characters that are not valid Unicode (e.g. a lone "
             "surrogate such as \\ud800)", field=where) from None
 
 
+def too_large(size: int, max_bytes: int, declared: bool = True) -> BodyTooLargeError:
+    """413 for a body of `size` bytes (`declared`: as its Content-Length says; else at
+    least that many, reading stopped there)."""
+    what = f"{size} bytes" if declared else f"more than {max_bytes} bytes"
+    return BodyTooLargeError(f"<body>: {what}, at most {max_bytes} accepted", field="<body>")
+
+
 def parse_body(raw: bytes, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """The request body as a JSON object, or a 4xx naming what is wrong with it."""
     if len(raw) > max_bytes:
-        raise BodyTooLargeError(f"<body>: {len(raw)} bytes, at most {max_bytes} accepted",
-                                field="<body>")
+        raise too_large(len(raw), max_bytes)
     try:
         body = json.loads(raw or b"null", parse_int=_int, parse_float=_float,
                           parse_constant=_constant)

@@ -10,6 +10,7 @@ the answers, the Serve ingress does the transport.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -190,13 +191,16 @@ class CompletionRequest(_Common):
         return fields
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")  # vLLM's integer priority; no "²", no 5000 digits
+
+
 def request_priority(body: str | int | None, header: str | None) -> str:
     """`high|normal|low`, from the body's `priority` or else the header; vLLM's integer
     form maps by sign (negative: high, 0: normal, positive: low: lower runs first)."""
     for value, field in ((body, "priority"), (header, PRIORITY_HEADER)):
         if value is None or value == "":
             continue
-        if isinstance(value, str) and value.lstrip("-").isdigit():
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
             value = int(value)
         if isinstance(value, int):
             return "high" if value < 0 else "normal" if value == 0 else "low"

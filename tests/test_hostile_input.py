@@ -87,6 +87,14 @@ CASES = [
      {}, 400, "echo", "unsupported_parameter"),
     ("legacy stream 'yes'", "POST", COMP, b'{"model": "general", "prompt": "x", "stream": "yes"}',
      {}, 422, "stream", "invalid_request"),
+    ("priority header '--1'", "POST", CHAT, json.dumps({"model": "chorus", "messages": MSG}).encode(),
+     {"X-Chorus-Priority": "--1"}, 422, "x-chorus-priority", "invalid_request"),
+    ("priority of 5000 digits", "POST", CHAT,
+     json.dumps({"model": "chorus", "messages": MSG, "priority": "9" * 5000}).encode(),
+     {}, 422, "priority", "invalid_request"),
+    ("logit_bias key '²'", "POST", CHAT,
+     json.dumps({"model": "general", "messages": MSG, "logit_bias": {"²": 1}}).encode(),
+     {}, 422, "logit_bias", "invalid_request"),
     ("wrong method on completions", "GET", COMP, b"", {}, 405, "<method>", "method_not_allowed"),
     ("unknown route", "GET", "/v1/nothing-here", b"", {}, 404, "<path>", "not_found"),
     ("unknown POST route", "POST", "/v1/completions/x", b"{}", {}, 404, "<path>", "not_found"),
@@ -109,6 +117,20 @@ def test_each_class_of_hostile_input_gets_its_4xx(url: str, case: str, method: s
     if field.startswith("<"):
         return
     assert error["message"].startswith(f"{field}:")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(url: str) -> None:
+    def chunks():  # no Content-Length: the server must count as it reads
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"x" * (256 * 1024)
+        yield b'"}'
+
+    response = httpx.post(f"{url}{ORCH}", content=chunks(), timeout=30,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("<body>", "body_too_large")
 
 
 # --------------------------------------------------------------------------- fuzz
