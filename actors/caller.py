@@ -44,6 +44,9 @@ class LivePlan:
         self.finished = False
         self.first: list[Any] = []  # the records that came with `Admitted`
         self.admitted: ExecutorLoad | None = None  # the executor's load at admission
+        self._pump: asyncio.Future[None] | None = None
+        self._readers: list[asyncio.Future[None]] = []
+        self._closed = False
 
     @classmethod
     async def open(cls, plan: ExecutionPlan, executor: ActorHandle,
@@ -69,8 +72,7 @@ class LivePlan:
     async def events(self) -> AsyncIterator[Any]:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         queue.put_nowait(("records", self.first))
-        readers: list[asyncio.Task[None]] = []
-        pump = asyncio.ensure_future(self._records(queue))
+        self._pump = asyncio.ensure_future(self._records(queue))
         try:
             while True:
                 kind, item = await queue.get()
@@ -85,7 +87,8 @@ class LivePlan:
                 # channels closed when the attempt ended, and the assembly ignores what
                 # they still deliver. Cancelling them would cost a call per attempt and
                 # stop nothing that would not stop anyway.
-                readers += [asyncio.ensure_future(self._read(order, queue)) for order in step.read]
+                self._readers += [asyncio.ensure_future(self._read(order, queue))
+                                  for order in step.read]
                 # Set before yielding `done`: the consumer may stop right after it.
                 self.finished = step.done
                 for event in step.events:
@@ -93,22 +96,31 @@ class LivePlan:
                 if step.done:
                     return
         finally:
-            pump.cancel()
-            if self.finished and readers:
-                # Their attempts ended, so they end within a batch; wait (briefly) so no
-                # task outlives the request, then stop any that still waits (an attempt
-                # cancelled before it reached its replica never writes).
-                await asyncio.wait(readers, timeout=self.config.max_hold_s + 1.0)
-                for reader in readers:
-                    reader.cancel()
-            if not self.finished:
-                # The caller went away (or failed): nothing of this request may keep
-                # running. Cancelling the stream cancels every task of the plan (the
-                # executor's `stream` cancels its run on the way out), and each reader
-                # stops its replica-side generator.
-                for reader in readers:
-                    reader.cancel()
-                ray.cancel(self.gen)
+            await self.close()
+
+    async def close(self) -> None:
+        """End the plan's Ray work; idempotent. `events()` calls it on the way out, and
+        its driver must too: a consumer that stops before `events()` ever ran (right
+        after the `plan` event) closes a generator whose `finally` never runs."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pump is not None:
+            self._pump.cancel()
+        readers = self._readers
+        if self.finished and readers:
+            # Their attempts ended, so they end within a batch; wait (briefly) so no
+            # task outlives the request, then stop any that still waits (an attempt
+            # cancelled before it reached its replica never writes).
+            await asyncio.wait(readers, timeout=self.config.max_hold_s + 1.0)
+        for reader in readers:
+            reader.cancel()
+        if not self.finished:
+            # The caller went away (or failed): nothing of this request may keep
+            # running. Cancelling the stream cancels every task of the plan (the
+            # executor's `stream` cancels its run on the way out), and each reader
+            # stops its replica-side generator.
+            ray.cancel(self.gen)
 
     async def _records(self, queue: asyncio.Queue[tuple[str, Any]]) -> None:
         try:

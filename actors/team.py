@@ -223,6 +223,7 @@ class Team:
                 plan = await self.router.plan.remote(request)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
+        source: LivePlan | None = None
         if live:
             source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
             if source.admitted is not None:
@@ -244,7 +245,9 @@ class Team:
                 yield ErrorEvent(request_id=plan.request_id, code=exc.code,
                                  message=exc.message, status=exc.status)
         finally:
-            await events.aclose()  # the caller went away: LivePlan cancels every task
+            await events.aclose()
+            if source is not None:
+                await source.close()  # the caller went away: every task is cancelled
 
     async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None
@@ -256,6 +259,7 @@ class Team:
                 yield event
         finally:
             await events.aclose()
+            await source.close()
 
     async def _synthesize_settled(self, task: ExpertTask) -> AsyncIterator[Any]:
         assert self.executor is not None

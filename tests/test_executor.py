@@ -17,6 +17,7 @@ from orchestration.models import (
     ExecutionStrategy,
     ExpertEvent,
     ExpertTask,
+    OrchestrateRequest,
     PrimaryDelta,
     TaskStatus,
 )
@@ -63,6 +64,28 @@ async def test_rank_orders_dispatch_across_plans() -> None:
         assert [by_task[t] for t in order] == [
             "f-top", "b-high", "d-high", "c-mid", "g-mid", "a-low", "e-low"]
         assert [prio for _, prio in seen] == [40, 30, 30, 5, 5, 1, 1]
+    finally:
+        team.shutdown()
+
+
+async def test_a_caller_that_stops_right_after_the_plan_cancels_every_task() -> None:
+    # The consumer closes the stream before it ever read past `plan`: the events
+    # generator never started, so only the driver's own cleanup can cancel the plan.
+    config = make_config(experts={"general": {"mock": {"hang_every": 1}}})
+    team = await Team.start(config, f"hangup-{uuid.uuid4().hex[:6]}")
+    try:
+        stream = team.stream(OrchestrateRequest(prompt="hi", experts=[], timeout_s=300))
+        first = await stream.__anext__()
+        assert first.type == "plan"
+        await until(lambda: _active(team, "general", 1), what="the task running")
+        await stream.aclose()
+
+        async def drained() -> bool:
+            load = await team.executor.load.remote()
+            return (load.active, load.queued) == (0, 0)
+
+        await until(drained, what="the executor empty")
+        assert (await _expert_stats(team, "general"))["cancelled"] == 1
     finally:
         team.shutdown()
 
