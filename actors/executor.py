@@ -67,6 +67,13 @@ class RequestRun:
         return len(pending)
 
 
+def _actor(name: str, namespace: str) -> ActorHandle | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:  # no actor of that name (any more)
+        return None
+
+
 @ray.remote
 class ExecutorActor:
     """Runs every plan's tasks under priorities, bounds, deadlines and retries."""
@@ -78,15 +85,18 @@ class ExecutorActor:
         # (`set_replicas`, `set_router`) whenever it re-creates an actor.
         namespace = config.server.namespace
         self.config = config
-        self.router = ray.get_actor(router, namespace=namespace) if router else None
+        # After a Ray restart these are the names of the first start: some may be gone
+        # (re-created under a new name, scaled down). Skip them; the supervisor tells a
+        # restarted executor the actors of now.
+        self.router = _actor(router, namespace) if router else None
         scaling = config.scaling
         self.pools = {e.name: ReplicaPool(e.name, e.max_concurrency, scaling.cooldown_failures,
                                           scaling.cooldown_s) for e in config.experts}
         now = time.monotonic()
         for expert, group in replicas.items():
+            found = {label: _actor(name, namespace) for label, name in group.items()}
             self.pools[expert].update(
-                {label: (ray.get_actor(name, namespace=namespace), "ready")
-                 for label, name in group.items()}, now)
+                {label: (handle, "ready") for label, handle in found.items() if handle}, now)
         self.slots = SlotScheduler(config.executor.max_in_flight,
                                    {name: pool.capacity(now) for name, pool in self.pools.items()})
         self.requests: dict[str, RequestRun] = {}

@@ -54,13 +54,21 @@ class Supervisor(Periodic):
             for expert, group in team.replicas.items() for label in group}
         self.lives["router"] = ActorLife("router", "router", None, Life.READY, now)
         self.lives["executor"] = ActorLife("executor", "executor", None, Life.READY, now)
+        # Each actor's health call still in flight: a slow one (an engine loading for
+        # minutes) is awaited again next round, never sent again (they would pile up).
+        self._pings: dict[str, ray.ObjectRef] = {}
 
     def watch(self, label: str, expert: str) -> None:
         """Supervise a new replica (a scale-up), starting."""
         self.lives[label] = ActorLife(label, "expert", expert, Life.STARTING, time.monotonic())
 
     def forget(self, label: str) -> None:
-        self.lives.pop(label, None)
+        life = self.lives.pop(label, None)
+        self._pings.pop(label, None)
+        if life is not None:  # a removed replica must not stay "ready" on dashboards
+            for state in Life:
+                metrics().actor_state.set(0, tags={"actor": label, "role": life.role,
+                                                   "state": state.value})
 
     def states(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
@@ -70,8 +78,12 @@ class Supervisor(Periodic):
 
     async def step(self) -> None:
         """One round over every actor; one actor's trouble never stops the others'."""
-        await asyncio.gather(*(self._check(life) for life in list(self.lives.values())),
-                             return_exceptions=True)
+        lives = list(self.lives.values())
+        outcomes = await asyncio.gather(*(self._check(life) for life in lives),
+                                        return_exceptions=True)
+        for life, outcome in zip(lives, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # e.g. a re-creation that failed: retried
+                log.error("supervising %s failed: %r", life.label, outcome)
         self._export()
 
     def _handle(self, life: ActorLife) -> ActorHandle | None:
@@ -97,10 +109,20 @@ class Supervisor(Periodic):
         handle = self._handle(life)
         if handle is None:
             return
-        ping = {"expert": "ready", "router": "ping", "executor": "probe"}[life.role]
+        ping = self._pings.get(life.label)
+        if ping is None:
+            method = {"expert": "ready", "router": "ping", "executor": "probe"}[life.role]
+            ping = self._pings[life.label] = getattr(handle, method).remote()
         try:
-            answer = await asyncio.wait_for(getattr(handle, ping).remote(),
-                                            self.config.ping_timeout_s)
+            # Cancelling this await leaves the call running; the next round awaits it.
+            answer = await asyncio.wait_for(ping, self.config.ping_timeout_s)
+        except TimeoutError:
+            reason = f"no answer within {self.config.ping_timeout_s:g}s"
+        except Exception as exc:  # died, restarting, or its engine failed to start
+            self._pings.pop(life.label, None)
+            reason = translate(exc, actor=life.label).message
+        else:
+            self._pings.pop(life.label, None)
             pid = answer.get("pid")
             if life.pid is not None and pid != life.pid:  # Ray restarted it in between
                 _, life.ray_restarts = await asyncio.to_thread(ray_state, handle)
@@ -109,10 +131,6 @@ class Supervisor(Periodic):
             life.pid = pid
             life.ready(now, self.config)
             return
-        except TimeoutError:
-            reason = f"no answer within {self.config.ping_timeout_s:g}s"
-        except Exception as exc:  # died, restarting, or its engine failed to start
-            reason = translate(exc, actor=life.label).message
         state, restarts = await asyncio.to_thread(ray_state, handle)
         life.ray_restarts = restarts
         if state == "DEAD":
@@ -126,6 +144,7 @@ class Supervisor(Periodic):
     def _recreate(self, life: ActorLife, now: float) -> None:
         """A fresh incarnation under a new name; the executor learns its handle."""
         old = self._handle(life)
+        self._pings.pop(life.label, None)
         if old is not None:
             ray.kill(old, no_restart=True)  # release what is left of it
         team = self.team
@@ -143,6 +162,9 @@ class Supervisor(Periodic):
                 team.executor.set_router.remote(team.router)
         else:
             team.create_executor(incarnation)
+            # It starts believing every replica it was named is ready: tell it the truth
+            # (draining, starting or down ones) and where the router is.
+            self._tell_executor_everything()
 
     def _tell_executor_everything(self) -> None:
         team = self.team

@@ -287,8 +287,11 @@ class Team:
             asyncio.wait_for(self.router.stats.remote(), timeout_s),
             return_exceptions=True)
         lives = self.supervisor.states() if self.supervisor else {}
-        restarts = await asyncio.to_thread(
-            lambda: [ray_state(handle)[1] for _, _, handle in handles])
+        if self.supervisor:  # it keeps Ray's restart count: no lookup per replica here
+            restarts = [lives.get(label, {}).get("ray_restarts", 0) for _, label in labels]
+        else:
+            restarts = await asyncio.to_thread(
+                lambda: [ray_state(handle)[1] for _, _, handle in handles])
         executor = _describe(answers[-2], timeout_s)
         views = executor.get("replicas", {})  # the executor's view: health, load
         experts: dict[str, Any] = {}
