@@ -62,11 +62,6 @@ def translate(exc: BaseException, *, expert: str | None = None, actor: str = "")
     return InternalError(f"{actor or 'chorus'} failed: {type(exc).__name__}: {exc}")
 
 
-def actor_gone(exc: BaseException) -> bool:
-    """Did the call fail because the actor's process is gone (dead or restarting)?"""
-    return isinstance(exc, rex.RayActorError)
-
-
 def cause_of(exc: BaseException) -> str:
     """What really failed inside a remote call, in one line (`OSError: no such model`)."""
     cause = exc.cause if isinstance(exc, rex.RayTaskError) else exc

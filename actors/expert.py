@@ -107,7 +107,6 @@ class ExpertActor:
         began = loop.time()
         done = Completion(replica=self.replica)
         choices: dict[int, _Choice] = {}
-        ended: str | None = "attempt ended early"
         try:
             async for delta in self.engine.stream(_request(task, key)):
                 if done.ttft_s is None:
@@ -117,10 +116,9 @@ class ExpertActor:
                 choices.setdefault(delta.index, _Choice()).add(delta)
                 if channel is not None and delta.index == 0:  # choice 0 is the live one
                     channel.put(delta.text, delta.tokens)
-            ended = None
         finally:
-            if channel is not None:
-                self.channels.finish(key, ended)
+            if channel is not None:  # ended, whole or not: its readers drain and stop
+                self.channels.finish(key)
         return self._completed(done, task, [choices.get(i, _Choice()) for i in range(len(choices) or 1)])
 
     def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:

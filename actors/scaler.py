@@ -26,6 +26,7 @@ from actors.metrics import metrics
 from actors.periodic import Periodic
 from actors.placement import missing_resources
 from orchestration.autoscale import ScaleState, decide, placement_failed
+from orchestration.replicas import replica_label
 
 if TYPE_CHECKING:
     from actors.team import Team
@@ -100,9 +101,9 @@ class Scaler(Periodic):
         config = team.config.expert(expert)
         index = 0
         for _ in range(count):
-            while f"{expert}#{index}" in taken:
+            while replica_label(expert, index) in taken:
                 index += 1
-            label = f"{expert}#{index}"
+            label = replica_label(expert, index)
             taken.add(label)
             team.create_replica(config, label)
             team.pending[label] = time.monotonic()

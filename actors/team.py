@@ -37,11 +37,8 @@ from orchestration.models import (
     PlanEvent,
 )
 from orchestration.pipeline import finish_stream
+from orchestration.replicas import replica_label
 from orchestration.routing import plan_request, plannable_by_caller
-
-
-def replica_label(expert: str, index: int) -> str:
-    return f"{expert}#{index}"
 
 
 class Team:
@@ -156,7 +153,7 @@ class Team:
         """Create (or attach to) the team's actors and wait until every one is ready."""
         team = cls(config, name)
         for expert in config.experts:
-            for index in range(expert.replicas.initial or expert.replicas.min):
+            for index in range(expert.replicas.initial):  # the validator sets it (default: min)
                 team.create_replica(expert, replica_label(expert.name, index))
         # A crashed control actor comes back for the next requests (its in-flight streams
         # end with an `error` event); its state is per-request, so nothing else is lost.

@@ -30,17 +30,12 @@ class TextChannel:
         self._tokens: list[int] = []
         self._ends: list[int] = []  # cumulative character offset after each part
         self.closed = False
-        self.error: str | None = None
         self.writer_attached = False
         self._changed = asyncio.Event()
 
     @property
     def size(self) -> int:
         return self._ends[-1] if self._ends else 0
-
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
 
     def put(self, text: str, tokens: int = 1) -> None:
         if self.closed:
@@ -52,11 +47,11 @@ class TextChannel:
         self._ends.append(self.size + len(text))
         self._notify()
 
-    def close(self, error: str | None = None) -> None:
-        """End of the attempt (`error` says why it ended early); readers drain, then stop."""
+    def close(self) -> None:
+        """End of the attempt (whole or not: the executor's result says which); readers
+        drain, then stop."""
         if not self.closed:
             self.closed = True
-            self.error = error
             self._notify()
 
     def _notify(self) -> None:
@@ -121,12 +116,12 @@ class Channels:
         channel.writer_attached = True
         return channel
 
-    def finish(self, key: str, error: str | None = None) -> None:
+    def finish(self, key: str) -> None:
         """Close the attempt's channel and forget it after the linger time."""
         channel = self._channels.get(key)
         if channel is None:
             return
-        channel.close(error)
+        channel.close()
         asyncio.get_running_loop().call_later(self.linger_s, self._drop, key, channel)
 
     def read(self, key: str, offset: int = 0, hold_s: float = 0.0) -> AsyncIterator[tuple[str, int]]:
@@ -137,7 +132,7 @@ class Channels:
 
     def _orphaned(self, key: str, channel: TextChannel) -> None:
         if not channel.writer_attached:
-            channel.close("no attempt wrote to this channel")
+            channel.close()  # no attempt wrote to it
             self._drop(key, channel)
 
     def _drop(self, key: str, channel: TextChannel) -> None:

@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def replica_label(expert: str, index: int) -> str:
+    """How replicas are named in stats, logs and metrics: `general#0`, `general#1`."""
+    return f"{expert}#{index}"
+
+
 @dataclass
 class Replica:
     label: str  # "general#1"

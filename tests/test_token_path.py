@@ -28,7 +28,7 @@ async def _produce(channel: TextChannel, tokens: list[str], delays: list[float],
     written = []
     for i, token in enumerate(tokens):
         if fail_at is not None and i == fail_at:
-            channel.close("engine failed")
+            channel.close()  # the engine failed here
             return "".join(written)
         if delays[i % len(delays)]:
             await asyncio.sleep(delays[i % len(delays)])
