@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
 
 from orchestration.errors import FieldError
 
@@ -98,17 +106,17 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 class Sampling(_Model):
     """Sampling parameters, structured output and tools of one request (OpenAI's meaning)."""
 
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 1.0
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] = (
         Field(default_factory=list))
     # Choices: the primary generates `n` samples (see docs/openai.md for the team).
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     logprobs: StrictBool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     # Token id -> bias, as in OpenAI (the ids are the engine's tokenizer's).
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None

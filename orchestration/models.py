@@ -15,6 +15,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -72,8 +74,12 @@ def parse_input(model: type[M], data: Any) -> M:
         raise bad_request(exc) from None
 
 
+# Callers' numbers are strict: "5" or true where a number goes is a 422 naming the
+# field, never quietly converted (a float field still takes an integer).
+TokenCount = Annotated[StrictInt, Field(ge=1)]
+Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0)]
 # Seeds go to engines as 64-bit integers.
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seed = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 
 
 class _Model(BaseModel):
@@ -103,9 +109,9 @@ class OrchestrateRequest(_Model):
     # Expert that answers first and streams (default: the router's primary).
     primary: str | None = None
     strategy: ExecutionStrategy | None = None
-    timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] | None = None
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
     # Sampling seed for every task; unset, each task gets a stable one of its own.
     seed: Seed | None = None
     # Also stream the specialists' texts (`expert_delta` events), not only the primary's.

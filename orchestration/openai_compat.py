@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from orchestration.errors import (
     BadRequestError,
@@ -22,7 +22,7 @@ from orchestration.errors import (
     UnsupportedParameterError,
 )
 from orchestration.generation import MAX_CHOICES, Message
-from orchestration.models import OrchestrateRequest, Seed, parse_input
+from orchestration.models import OrchestrateRequest, Seed, Temperature, TokenCount, parse_input
 
 TEAM_MODEL = "chorus"
 PRIORITY_HEADER = "x-chorus-priority"
@@ -107,14 +107,14 @@ class _Common(_Body):
     model: StrictStr
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     seed: Seed | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
     user: StrictStr | None = None
     # Chorus's request priority (high|normal|low), or vLLM's integer form (lower first).
     priority: StrictStr | StrictInt | None = None
@@ -135,8 +135,8 @@ class ChatCompletionRequest(_Common):
     """OpenAI's chat-completion body: every field honoured or refused (docs/openai.md)."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None
@@ -168,7 +168,7 @@ class CompletionRequest(_Common):
     """OpenAI's legacy completion body (`/v1/completions`): one prompt, sent as is."""
 
     prompt: StrictStr | list[StrictStr]
-    max_tokens: Annotated[int, Field(ge=1)] = 16  # OpenAI's default for this route
+    max_tokens: TokenCount = 16  # OpenAI's default for this route
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
 
     @classmethod
