@@ -30,7 +30,7 @@ from orchestration.replicas import ReplicaPool
 from orchestration.scheduling import strategy_concurrency
 from orchestration.slots import SlotScheduler
 from orchestration.task_runner import TaskRun, TaskRunner
-from orchestration.wire import Admitted, Closed, Finished, Record
+from orchestration.wire import Admitted, Closed, Finished, Record, Retrying
 
 
 class RequestRun:
@@ -230,6 +230,8 @@ class ExecutorActor:
 
     def _notify(self, task: ExpertTask, record: Record) -> None:
         self._last_progress = time.monotonic()
+        if isinstance(record, Retrying):
+            metrics().retries.inc(tags={"expert": record.expert})
         run = self._task_runs.get(task.id)
         if run is not None:
             run.put(record)
