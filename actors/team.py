@@ -211,6 +211,7 @@ class Team:
         terminal `error` event. `live=False` returns no text before the end (cheaper).
         """
         assert self.router is not None and self.executor is not None
+        started = time.monotonic()
         seen = self.load_seen
         age = time.monotonic() - seen[1] if seen is not None else None
         try:
@@ -234,7 +235,7 @@ class Team:
         synthesize = self._synthesize if live else self._synthesize_settled
         finished = False
         try:
-            async for event in finish_stream(first, events, self.config, synthesize):
+            async for event in finish_stream(first, events, self.config, synthesize, started):
                 finished = event.type in ("done", "error")
                 yield event
         except ChorusError as exc:  # the executor or a replica failed mid-request

@@ -71,14 +71,15 @@ def _guard(config_json: str) -> ResponseGuard:
 class _Finisher:
     """Per-request state: the guard's stream windows and the timings."""
 
-    def __init__(self, first: PlanEvent, config: ChorusConfig, synthesize: Synthesize | None):
+    def __init__(self, first: PlanEvent, config: ChorusConfig, synthesize: Synthesize | None,
+                 started: float | None) -> None:
         self.plan = first.plan
         self.request_id = first.request_id
         self.config = config
         self.synthesize = synthesize
         self.guard = _guard(config.guard.model_dump_json())
-        self.started = time.monotonic()
-        self.first_delta_at: float | None = None
+        self.started = time.monotonic() if started is None else started
+        self.first_delta_at: float | None = None  # only a live stream has one
 
     def clean(self, result: TaskResult) -> TaskResult:
         """The result with every text the caller will see guarded: the answer, the other
@@ -151,9 +152,13 @@ async def finish_stream(
     events: AsyncIterator[Any],
     config: ChorusConfig,
     synthesize: Synthesize | None = None,
+    started: float | None = None,
 ) -> AsyncIterator[Any]:
-    """Guard every text that leaves, fuse at the end, and close with done or error."""
-    state = _Finisher(first, config, synthesize)
+    """Guard every text that leaves, fuse at the end, and close with done or error.
+
+    `started` (time.monotonic) is when the request arrived: `done.timings.total_s`
+    counts from it, also when `events` replays a plan that had already ended."""
+    state = _Finisher(first, config, synthesize, started)
     live = state.guard.stream()
     specialists: dict[str, Any] = {}  # task id -> guard window of a streamed specialist
     yield first

@@ -187,6 +187,9 @@ async def test_crashed_expert_is_restarted_and_the_task_retried() -> None:
         first = await client.run("python code", experts=["code"])
         assert first.experts[0].ok and first.experts[0].attempts == 1
         second = await client.run("python code", experts=["code"])
+        # Not streamed, the plan is replayed after it ended: the request's total still
+        # counts from its arrival, so it covers the task (a crash and a retry).
+        assert second.timings["total_s"] >= second.experts[0].latency_s > 0
         code = second.experts[0]
         assert code.ok and code.attempts == 2 and code.served_by == ["code", "code"]
         stats = await client.stats()
