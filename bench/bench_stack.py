@@ -10,7 +10,9 @@ Workloads (mock experts, `Client.local`; see docs/token-path.md for what they sh
   `max_in_flight` = N), tasks of 0.36 s (32 tokens). Ideal = N / 0.36 req/s. Peers: a
   bare per-token Ray stream driver <- actor (1 hop) and driver <- relay <- actor
   (2 hops), each actor limited to N concurrent streams.
-- zero-work: one request at a time (no TTFT, one token) against one bare actor call.
+- zero-work: one request at a time (no TTFT, one token) against one bare actor call,
+  and against two bare calls in series (driver -> relay -> actor), the floor of a
+  design where the executor dispatches every call.
 - TTFT: p50/p99 of the first `primary` event with a 50 ms mock TTFT, under light load.
 
 Prints each ratio and saves the figures as JSON under bench/results/.
@@ -48,7 +50,8 @@ class BareExpert:
 
 @ray.remote
 class BareRelay:
-    """The 2-hop peer: relays every token of the expert's stream as its own object."""
+    """The 2-hop peer: relays every token of the expert's stream as its own object
+    (throughput), or one call (zero-work)."""
 
     def __init__(self, expert: Any) -> None:
         self.expert = expert
@@ -56,6 +59,9 @@ class BareRelay:
     async def tokens(self, n: int, every: float) -> Any:
         async for ref in self.expert.tokens.options(num_returns="streaming").remote(n, every):
             yield await ref
+
+    async def ping(self) -> int:
+        return await self.expert.ping.remote()
 
 
 async def _closed_loop(one: Any, seconds: float, clients: int = CLIENTS) -> float:
@@ -123,7 +129,7 @@ async def _chorus_rps(slots: int, seconds: float) -> dict[str, float]:
 
 
 async def _median_ms(call: Any, n: int) -> float:
-    for _ in range(20):
+    for _ in range(100):  # warm: the first calls of a fresh actor are slower
         await call()
     times = []
     for _ in range(n):
@@ -137,7 +143,9 @@ async def zero_work(n: int) -> dict[str, float]:
     from orchestration.client import Client
 
     bare = BareExpert.remote()
+    relay = BareRelay.remote(bare)
     bare_ms = await _median_ms(lambda: bare.ping.remote(), n)
+    two_ms = await _median_ms(lambda: relay.ping.remote(), n)
     async with Client.local(_team(8, tokens=1, token_latency_s=0.0)) as client:
         run_ms = await _median_ms(lambda: client.run("zero", experts=[]), n)
 
@@ -146,9 +154,11 @@ async def zero_work(n: int) -> dict[str, float]:
                 pass
 
         stream_ms = await _median_ms(streamed, n)
+    ray.kill(relay)
     ray.kill(bare)
-    return {"bare_call_ms": bare_ms, "run_ms": run_ms, "stream_ms": stream_ms,
-            "run_ratio": run_ms / bare_ms, "stream_ratio": stream_ms / bare_ms}
+    return {"bare_call_ms": bare_ms, "bare_2hop_call_ms": two_ms, "run_ms": run_ms,
+            "stream_ms": stream_ms, "run_ratio": run_ms / bare_ms,
+            "stream_ratio": stream_ms / bare_ms, "run_vs_2hop": run_ms / two_ms}
 
 
 async def ttft(n: int) -> dict[str, float]:
@@ -178,7 +188,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     seconds = 4.0 if args.quick else args.seconds
     report: dict[str, Any] = {"throughput": {}, "machine": {"cpus": _cpus()}}
-    for slots in args.slots:
+    for slots in [] if "throughput" in args.skip else args.slots:
         ideal = min(slots, CLIENTS) / TASK_S
         one = await _bare_rps(slots, 1, seconds)
         two = await _bare_rps(slots, 2, seconds)
@@ -194,8 +204,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if "zero" not in args.skip:
         zero = await zero_work(100 if args.quick else 300)
         report["zero_work"] = zero
-        print(f"zero-work: bare call {zero['bare_call_ms']:.2f} ms; chorus run "
-              f"{zero['run_ms']:.2f} ms (x{zero['run_ratio']:.2f}), stream "
+        print(f"zero-work: bare call {zero['bare_call_ms']:.2f} ms, bare 2-hop call "
+              f"{zero['bare_2hop_call_ms']:.2f} ms; chorus run {zero['run_ms']:.2f} ms "
+              f"(x{zero['run_ratio']:.2f}; x{zero['run_vs_2hop']:.2f} of 2-hop), stream "
               f"{zero['stream_ms']:.2f} ms (x{zero['stream_ratio']:.2f})", flush=True)
     if "ttft" not in args.skip:
         first = await ttft(80 if args.quick else 400)
@@ -229,7 +240,7 @@ if __name__ == "__main__":
     parser.add_argument("--vllm", action="store_true")
     parser.add_argument("--hold", type=float, help="stream.max_hold_s (default: the config's)")
     parser.add_argument("--backpressure", type=int, help="stream.backpressure_objects")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "ttft"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "zero", "ttft"])
     parser.add_argument("--out", default="bench/results/stack.json")
     options = parser.parse_args()
     if options.hold is not None:
