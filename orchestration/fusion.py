@@ -14,6 +14,13 @@ A failed primary: the body is the first successful expert's answer (plan order: 
 ranks experts), under a note naming the failure, so one dead expert never fails a request.
 If no task succeeded, `content` is empty and `source` is None: the caller ends the request
 with an error event rather than an empty answer.
+
+Whitespace: the body (the primary's answer, or the synthesizer's) is kept exactly as the
+engine generated it, as OpenAI and vLLM return it: it was streamed as generated, and the
+whole answer must equal the concatenated stream (a `stop` may leave a trailing space; a
+legacy completion often starts with one). Only text Chorus sets in its own markdown (an
+expert's contribution after its name, a stand-in's answer under its note, a synthesis
+input) is stripped: it is not streamed as generated but sent whole, in the `fusion` event.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class FusionOutcome(BaseModel):
 
 
 def _answer(result: TaskResult) -> str:
+    """An answer set in Chorus's markdown, trimmed (never the streamed body: see module)."""
     return (result.result or "").strip()
 
 
@@ -73,7 +81,7 @@ def fuse(strategy: FusionStrategy, primary: TaskResult, experts: list[TaskResult
     failed = [r for r in (primary, *experts) if not r.ok]
     answered = [r for r in experts if r.ok]
     if primary.ok:
-        body, source = _answer(primary), primary.expert
+        body, source = primary.result or "", primary.expert  # as streamed: never trimmed
     elif answered:
         stand_in = answered.pop(0)
         source = stand_in.expert
@@ -148,9 +156,9 @@ def build_synthesis_task(
 
 def synthesis_outcome(synth: TaskResult, fallback: FusionOutcome) -> FusionOutcome:
     """The synthesizer's answer, or `fallback` (the `append` outcome) with synth in `failed`."""
-    if synth.ok and _answer(synth):
+    if synth.ok and _answer(synth):  # as streamed (fusion deltas): never trimmed
         return FusionOutcome(
-            content=_answer(synth), failed=list(fallback.failed), source=synth.expert
+            content=synth.result or "", failed=list(fallback.failed), source=synth.expert
         )
     if synth.ok:  # an empty synthesis is a failure to report, not an answer
         synth = synth.model_copy(

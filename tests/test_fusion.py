@@ -107,6 +107,14 @@ def test_append_without_experts_is_the_primary_text() -> None:
     assert fuse("append", PRIMARY, []).content == PRIMARY.result
 
 
+def test_the_body_is_kept_as_streamed_and_only_contributions_are_trimmed() -> None:
+    spaced = ok("general", " Use `lst[::-1]`. ", role="primary")  # e.g. cut by a stop
+    assert fuse("primary", spaced, []).content == spaced.result
+    assert fuse("append", spaced, [CODE]).content == (
+        " Use `lst[::-1]`. \n\n---\nExpert contributions:\n"
+        "**code**: `list(reversed(lst))` returns a new list.")
+
+
 def test_long_errors_are_one_short_line() -> None:
     noisy = failed("code", TaskStatus.ERROR, "Traceback\n" + "x" * 1000)
     line = fuse("append", PRIMARY, [noisy]).content.splitlines()[-1]
@@ -190,7 +198,8 @@ def test_synthesis_outcome_keeps_the_synthesis_and_the_failures() -> None:
     fallback = fuse("append", PRIMARY, [CODE, CUDA])
     synth = ok("critic", " The merged answer. ", role="synthesis")
     outcome = synthesis_outcome(synth, fallback)
-    assert outcome == FusionOutcome(content="The merged answer.", failed=[CUDA], source="critic")
+    # As streamed (fusion deltas): never trimmed.
+    assert outcome == FusionOutcome(content=" The merged answer. ", failed=[CUDA], source="critic")
 
 
 @pytest.mark.parametrize(

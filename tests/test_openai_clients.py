@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from actors.engines.base import GenerationRequest
 from actors.engines.mock import count_tokens, mock_text
+from orchestration.cli import iter_sse
 from orchestration.generation import Message, chat_turns
 from tests.conftest import config_dict
 
@@ -269,6 +270,43 @@ def test_sdk_legacy_completions_streamed_or_not(client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="general", prompt="x", echo=True)
     assert caught.value.body["param"] == "echo"
+
+
+STOP = ["the"]  # the mock's "the" and "therefore" start a word: a cut text ends in " "
+STORY = "tell me a story about a dragon"  # general's answer has a "the"
+
+
+def test_stop_leaves_trailing_whitespace_and_the_stream_joins_to_the_whole_answer(
+        client: Any, url: str) -> None:
+    # OpenAI and vLLM never trim a completion: streamed or not, the text is the same.
+    legacy = {"model": "general", "prompt": "Once upon", "max_tokens": 32, "stop": STOP}
+    whole = client.completions.create(**legacy).choices[0].text
+    full = "".join(mock_text("general", "Once upon", 0, 32))
+    assert whole == full[: full.index("the")] and whole.endswith(" ")
+    streamed = client.completions.create(**legacy, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole
+
+    for model, prompt in [("general", STORY), ("chorus", STORY),
+                          ("chorus", "Review this Python function for a bug")]:
+        ask = {"model": model, "messages": [{"role": "user", "content": prompt}], "stop": STOP}
+        whole = client.chat.completions.create(**ask).choices[0].message.content
+        streamed = client.chat.completions.create(**ask, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole
+        if prompt == STORY:  # the primary alone
+            full = general_text(prompt=STORY)
+            assert whole == full[: full.index("the")]
+            assert whole.endswith(" ")
+        else:  # the primary's cut text, untrimmed, then the experts' section
+            assert " \n\n---\nExpert contributions:" in whole
+
+    body = {"prompt": STORY, "primary": "general", "sampling": {"stop": STOP}}
+    with httpx.stream("POST", f"{url}/v1/orchestrate", json=body, timeout=60) as response:
+        events = list(iter_sse(response.iter_lines()))
+    deltas = "".join(data["delta"] for kind, data in events if kind == "primary")
+    assert deltas.endswith(" ") and events[-1][0] == "done"
+    assert events[-1][1]["content"] == deltas == events[-1][1]["primary"]["result"]
+    whole = httpx.post(f"{url}/v1/orchestrate", json={**body, "stream": False}, timeout=60)
+    assert whole.json()["content"] == deltas
 
 
 # --------------------------------------------------------------------------- LangChain, LiteLLM
