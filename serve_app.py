@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from ray import exceptions as rex
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from actors.boundary import translate
+from actors.hangups import EventStream, hung_up, route_of, until_answered
 from actors.metrics import metrics
 from actors.team import Team
 from orchestration.config import DEFAULT_CONFIG, ChorusConfig, load_config
@@ -32,6 +35,7 @@ from orchestration.errors import (
     ChorusError,
     MethodNotAllowedError,
     NotFoundError,
+    TaskCancelledError,
     UnauthorizedError,
 )
 from orchestration.http_input import correlation_id, parse_body, too_large
@@ -60,13 +64,6 @@ ID_HEADER = "X-Chorus-Request-Id"  # the server-unique id; X-Request-ID is the c
 ORCHESTRATE, CHAT, COMPLETIONS = "/v1/orchestrate", "/v1/chat/completions", "/v1/completions"
 
 
-def _route(request: Request) -> str:
-    # The matched route's template, never the raw URL: a stranger's URLs must not
-    # become metric tags (one series per URL would grow without bound).
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "<unmatched>"
-
-
 def _error_response(request: Request, exc: ChorusError) -> JSONResponse:
     headers = {}
     if exc.status == 429:
@@ -75,12 +72,34 @@ def _error_response(request: Request, exc: ChorusError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if exc.status == 503:
         headers["Retry-After"] = "5"
-    metrics().requests.inc(tags={"route": _route(request), "outcome": exc.code})
+    metrics().requests.inc(tags={"route": route_of(request), "outcome": exc.code})
     return JSONResponse(error_from(exc), status_code=exc.status, headers=headers)
 
 
+@api.exception_handler(ClientDisconnect)
+async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+    # Starlette raises it only on `http.disconnect`: the socket closed while the body
+    # was being read. The client's doing, not a server error.
+    return hung_up(request, exc)
+
+
+@api.exception_handler(rex.TaskCancelledError)
+async def _ray_cancelled(request: Request, exc: rex.TaskCancelledError) -> Response:
+    # Ray raises it raw at the edge only for calls made for this request that it cancelled
+    # because Serve cancelled the request (the client went away): the body channel's
+    # `receive_asgi_messages`, mostly. Our own cancellations (deadlines, a task no longer
+    # wanted) are translated in actors/boundary.py and never arrive here raw. Registered
+    # by class, not under `Exception`, so Starlette does not re-raise it into Serve's
+    # "Request failed." traceback. (`RayTaskError(TaskCancelledError)` is one too.)
+    return hung_up(request, exc)
+
+
 @api.exception_handler(ChorusError)
-async def _chorus_error(request: Request, exc: ChorusError) -> JSONResponse:
+async def _chorus_error(request: Request, exc: ChorusError) -> Response:
+    if isinstance(exc, TaskCancelledError):
+        # The same cancellation, translated at the boundary (e.g. the router's plan call
+        # cancelled with the request): a hang-up, not an error outcome.
+        return hung_up(request, exc)
     return _error_response(request, exc)
 
 
@@ -99,8 +118,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 @api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     # A bug, or a Ray error that escaped the boundary: still the documented shape.
+    # (Hang-ups, ClientDisconnect and Ray's TaskCancelledError, have their own handlers
+    # above and never come here.)
     error = translate(exc, actor="ingress")
     logger.exception("unexpected error on %s", request.url.path)
     return _error_response(request, error)
@@ -146,6 +167,8 @@ class ChorusIngress:
     def _admit(self, request: Request) -> str:
         """Auth, then a server-unique id; the caller's X-Request-ID is only a label."""
         request.state.retry_after = self.config.server.retry_after_s
+        request.state.started = time.monotonic()
+        request.state.telemetry = self.telemetry  # for a hang-up seen by an exception handler
         if self.api_key:
             sent = request.headers.get("authorization", "")
             token = sent[7:] if sent.lower().startswith("bearer ") else request.headers.get(
@@ -196,18 +219,19 @@ class ChorusIngress:
     @api.post(ORCHESTRATE)
     async def orchestrate(self, request: Request) -> Any:
         rid = self._admit(request)
-        body = await self._body(request)
-        stream = body.pop("stream", True)
-        if not isinstance(stream, bool):
-            raise BadRequestError("stream: must be true or false", field="stream")
-        req = OrchestrateRequest.parse(
-            {**body, "id": rid, "correlation_id": request.state.correlation_id})
-        first, events = await self._start(req, live=stream)
+        with until_answered(request):
+            body = await self._body(request)
+            stream = body.pop("stream", True)
+            if not isinstance(stream, bool):
+                raise BadRequestError("stream: must be true or false", field="stream")
+            req = OrchestrateRequest.parse(
+                {**body, "id": rid, "correlation_id": request.state.correlation_id})
+            first, events = await self._start(req, live=stream)
         headers = {ID_HEADER: rid}
         if stream:
-            return StreamingResponse(self._relay(first, events, ORCHESTRATE),
-                                     media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, **headers})
+            return EventStream(self._relay(first, events, ORCHESTRATE),
+                               media_type="text/event-stream",
+                               headers={**SSE_HEADERS, **headers})
         final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message, final.param),
@@ -231,20 +255,22 @@ class ChorusIngress:
     async def _openai(self, request: Request, model: Any, kind: Literal["chat", "text"]) -> Any:
         """An OpenAI chat or legacy completion: translate, run, shape (docs/openai.md)."""
         rid = self._admit(request)
-        body = model.parse(await self._body(request))
-        priority = request_priority(body.priority, request.headers.get(PRIORITY_HEADER))
-        fusion = self.config.fusion.strategy
-        req = to_orchestrate(body, self.team.config.expert_names, rid, priority, fusion)
-        req = req.model_copy(update={"correlation_id": request.state.correlation_id})
-        # Tool calls are read from the whole answer: nothing to stream before it ends.
-        first, events = await self._start(req, live=body.stream and not req.sampling.calls_tools)
-        shape, route = Shape(body.model, rid, kind), _route(request)
+        with until_answered(request):
+            body = model.parse(await self._body(request))
+            priority = request_priority(body.priority, request.headers.get(PRIORITY_HEADER))
+            fusion = self.config.fusion.strategy
+            req = to_orchestrate(body, self.team.config.expert_names, rid, priority, fusion)
+            req = req.model_copy(update={"correlation_id": request.state.correlation_id})
+            # Tool calls are read from the whole answer: nothing to stream before it ends.
+            first, events = await self._start(
+                req, live=body.stream and not req.sampling.calls_tools)
+        shape, route = Shape(body.model, rid, kind), route_of(request)
         if body.stream:
             synthesizing = fusion == "synthesize" and bool(first.plan.experts)
             chunks = openai_stream(self._timed(first, events, route), shape, fusion,
                                    synthesizing, body.include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, ID_HEADER: rid})
+            return EventStream(chunks, media_type="text/event-stream",
+                               headers={**SSE_HEADERS, ID_HEADER: rid})
         final = [event async for event in self._timed(first, events, route)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message, final.param),
@@ -309,6 +335,10 @@ class ChorusIngress:
                     outcome = "streaming"
                 if event.type in ("done", "error"):
                     outcome = "ok" if event.type == "done" else event.code
+                    if outcome == TaskCancelledError.code:
+                        # Ray cancelled the request's calls because its caller left (Serve
+                        # cancels them with the request): a hang-up, not a failure.
+                        outcome = "disconnected"
                     logger.info("request %s (%s) ended: %s", first.request_id,
                                 first.plan.primary.request_id, outcome)
                 yield event

@@ -7,7 +7,11 @@ a hypothesis fuzz of a few hundred generated bodies per POST route.
 from __future__ import annotations
 
 import json
+import socket
+import struct
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -15,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import config_dict
+from tests.conftest import config_dict, until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = {"ttft_s": 0.0, "token_latency_s": 0.0, "tokens": 3}
@@ -151,6 +155,91 @@ def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all(url: st
     assert response.status_code == 413, response.text[:300]
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("<body>", "body_too_large")
+
+
+# --------------------------------------------------------------------------- hang-ups
+
+HANG_UPS = [
+    (ORCH, {"prompt": "review this python code and calculate the sum"}),
+    (ORCH, {"prompt": "review this python code", "stream": False}),
+    (CHAT, {"model": "chorus", "messages": MSG, "stream": True}),
+    (CHAT, {"model": "chorus", "messages": MSG, "n": 2}),
+    (COMP, {"model": "general", "prompt": "x"}),
+]
+
+
+def _hang_up(url: str, path: str, body: dict[str, Any], i: int, missing: int = 0) -> socket.socket:
+    """A raw POST that sends `missing` bytes fewer than its Content-Length says."""
+    where = urlsplit(url)
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection((where.hostname, where.port))
+    sock.sendall(f"POST {where.path}{path} HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(raw) + missing}"
+                 "\r\n\r\n".encode() + raw)
+    if i % 2:  # half of them reset the connection rather than close it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return sock
+
+
+def _replica() -> tuple[Any, Path]:
+    """The `hostile` app's ingress replica (one) and its log file."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::hostile#ChorusIngress#")]
+    assert len(names) == 1, names
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    files = list(logs.glob(f"replica_hostile_ChorusIngress_{names[0].rsplit('#', 1)[1]}*.log"))
+    assert len(files) == 1, files
+    return ray.get_actor(names[0], namespace="serve"), files[0]
+
+
+async def test_callers_who_hang_up_early_are_counted_disconnected_not_errors(url: str) -> None:
+    replica, log = _replica()
+    start = log.stat().st_size
+
+    async def ongoing(n: int) -> bool:
+        return await replica.get_num_ongoing_requests.remote() == n
+
+    async def outcomes() -> dict[str, int]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(f"{url}/v1/stats")
+        assert response.status_code == 200, response.text
+        return response.json()["requests"]["outcomes"]
+
+    await until(lambda: ongoing(0), timeout=30, what="the replica idle")
+    before = await outcomes()
+
+    # Mid-body: each handler waits for bytes that never come, then its caller leaves.
+    sockets = [_hang_up(url, path, body, i, missing=64)
+               for i, (path, body) in enumerate(HANG_UPS * 2)]
+    await until(lambda: ongoing(len(sockets)), timeout=30, what="every handler reading its body")
+    for sock in sockets:
+        sock.close()
+
+    async def counted(n: int) -> bool:
+        return (await outcomes())["disconnected"] - before["disconnected"] == n
+
+    await until(lambda: counted(len(sockets)), timeout=30, what="each hang-up counted once")
+
+    # Right after the whole body: in the body, the plan or the first bytes, by chance.
+    for i in range(30):
+        path, body = HANG_UPS[i % len(HANG_UPS)]
+        _hang_up(url, path, body, i).close()
+    await until(lambda: ongoing(0), timeout=30, what="every hang-up over")
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        again = await http.post(f"{url}{ORCH}", json={"prompt": "hello", "stream": False})
+    assert again.status_code == 200 and again.json()["primary"]["status"] == "success"
+    after = await outcomes()
+    # Which of the 30 reached the handler before their caller left is chance; each request
+    # ended at most once, as ok or disconnected, and none as a failure.
+    grew = {k: after[k] - before[k] for k in after}
+    assert grew["failed"] == 0, grew
+    assert len(sockets) + 1 <= grew["ok"] + grew["disconnected"] <= len(sockets) + 30 + 1, grew
+    text = log.read_bytes()[start:].decode(errors="replace")
+    for bad in ("unexpected error", "Request failed", "Traceback", " 500 "):
+        assert bad not in text, text[max(0, text.index(bad) - 300):text.index(bad) + 1500]
 
 
 # --------------------------------------------------------------------------- fuzz
