@@ -45,6 +45,7 @@ from orchestration.openai_compat import (
     TEAM_MODEL,
     ChatCompletionRequest,
     CompletionRequest,
+    check_model,
     error_body,
     error_from,
     request_priority,
@@ -283,6 +284,12 @@ class ChorusIngress:
         names = [TEAM_MODEL, *self.team.config.expert_names]
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "chorus"} for n in names]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> dict[str, Any]:
+        """One model (OpenAI's `models.retrieve`): the team or one of its experts."""
+        check_model(model, self.team.config.expert_names)
+        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "chorus"}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -211,6 +211,14 @@ def request_priority(body: str | int | None, header: str | None) -> str:
     return "normal"
 
 
+def check_model(model: str, experts: list[str]) -> None:
+    """The model names the team or one of its experts; otherwise 404 naming `model`."""
+    if model != TEAM_MODEL and model not in experts:
+        raise UnknownExpertError(
+            f"model: unknown model {model!r}; available: {', '.join([TEAM_MODEL, *experts])}",
+            field="model")
+
+
 def to_orchestrate(body: ChatCompletionRequest | CompletionRequest, experts: list[str],
                    request_id: str, priority: str = "normal",
                    fusion: str = "append") -> OrchestrateRequest:
@@ -218,10 +226,7 @@ def to_orchestrate(body: ChatCompletionRequest | CompletionRequest, experts: lis
     body.refusals()
     if body.stream_options is not None:
         body.stream_options.refusals("stream_options.")
-    if body.model != TEAM_MODEL and body.model not in experts:
-        raise UnknownExpertError(
-            f"model: unknown model {body.model!r}; available: {', '.join([TEAM_MODEL, *experts])}",
-            field="model")
+    check_model(body.model, experts)
     if (body.n or 1) > 1 and body.model == TEAM_MODEL and fusion == "synthesize":
         raise UnsupportedParameterError(
             "n: more than one choice is not supported for model 'chorus' when the team "

@@ -111,6 +111,10 @@ def test_openai_client_chat_completions(base_url) -> None:
     url, _ = base_url
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     assert {m.id for m in client.models.list()} == {"chorus", "general", "code", "math", "critic"}
+    assert client.models.retrieve("code").id == "code"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-nothing")
+    assert (missing.value.body["param"], missing.value.body["code"]) == ("model", "unknown_expert")
     for model in ("chorus", "code"):
         messages = [{"role": "user", "content": "Review this Python function"}]
         whole = client.chat.completions.create(model=model, messages=messages, max_tokens=10)
