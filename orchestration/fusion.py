@@ -156,8 +156,8 @@ def build_synthesis_task(
 
 def synthesis_outcome(synth: TaskResult, fallback: FusionOutcome) -> FusionOutcome:
     """The synthesizer's answer, or `fallback` (the `append` outcome) with synth in `failed`."""
-    if synth.ok and _answer(synth):  # as streamed (fusion deltas): never trimmed
-        return FusionOutcome(
+    if synth.ok and _answer(synth):
+        return FusionOutcome(  # the content as streamed in fusion deltas: never trimmed
             content=synth.result or "", failed=list(fallback.failed), source=synth.expert
         )
     if synth.ok:  # an empty synthesis is a failure to report, not an answer
