@@ -1,12 +1,14 @@
 """Ray Serve ingress: HTTP + SSE and OpenAI-compatible routes in front of a Chorus team.
 
 `serve run serve_app:app` serves `$CHORUS_CONFIG` (default `config/mock.yaml`);
-`serve run serve_app:build_app config=config/chaos.yaml` picks another config. The
-ingress starts (or attaches to) the team's actors, supervises them, and removes them
-when deleted. Every answer that is not a 200 has the documented error shape
-(`{"error": {message, type, param, code}}`), unknown routes and wrong methods included.
+`serve run serve_app:build_app config=config/chaos.yaml` picks another config. Each
+ingress replica is a stateless client of the team: the first one starts the team's
+controller (`actors/controller.py`), which owns every actor of the team; the others,
+and replicas of later deploys, attach to it and make it reconcile with their config.
+Deleting the app removes the team. Every answer that is not a 200 has the documented
+error shape (`{"error": {message, type, param, code}}`), unknown routes, wrong methods
+and a draining server included.
 """
-
 
 import hmac
 import json
@@ -25,16 +27,20 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from actors import gate, stopping
 from actors.boundary import translate
+from actors.gate import DrainGate, app_deleted
 from actors.hangups import EventStream, hung_up, route_of, until_answered
 from actors.metrics import metrics
 from actors.team import Team
+from orchestration.call import Call
 from orchestration.config import DEFAULT_CONFIG, ChorusConfig, load_config
 from orchestration.errors import (
     BadRequestError,
     ChorusError,
     MethodNotAllowedError,
     NotFoundError,
+    ShuttingDownError,
     TaskCancelledError,
     UnauthorizedError,
 )
@@ -53,7 +59,6 @@ from orchestration.openai_compat import (
 )
 from orchestration.openai_output import Shape
 from orchestration.openai_output import stream as openai_stream
-from orchestration.telemetry import RequestWindow
 from orchestration.web import page_options, pages
 
 logger = logging.getLogger("ray.serve")
@@ -72,7 +77,7 @@ def _error_response(request: Request, exc: ChorusError) -> JSONResponse:
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if exc.status == 503:
-        headers["Retry-After"] = "5"
+        headers["Retry-After"] = str(getattr(request.state, "retry_after", 5))
     metrics().requests.inc(tags={"route": route_of(request), "outcome": exc.code})
     return JSONResponse(error_from(exc), status_code=exc.status, headers=headers)
 
@@ -138,6 +143,9 @@ def _sse(event_type: str, data: dict[str, Any]) -> str:
     return f"event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+api.add_middleware(DrainGate)  # before @serve.ingress: Serve freezes a copy of `api`
+
+
 @serve.deployment(
     name="ChorusIngress",
     # The ingress only relays: it reserves no CPU or GPU, so it never takes an expert's slot.
@@ -150,26 +158,36 @@ def _sse(event_type: str, data: dict[str, Any]) -> str:
 class ChorusIngress:
     """HTTP face of one team: admission, auth, streaming, errors that name the field."""
 
-    async def __init__(self, config_path: str | None = None) -> None:
+    async def __init__(self, config_path: str | None = None, deployed_at: float = 0.0) -> None:
         self.config: ChorusConfig = load_config(config_path)
         self.api_key = os.environ.get("CHORUS_API_KEY") or self.config.server.api_key
-        app = serve.get_replica_context().app_name or "chorus"
-        self.team = await Team.start(self.config, name=f"chorus-{app}")
-        self.telemetry = RequestWindow()  # requests/s and percentiles for `/v1/stats`
-        logger.info("Chorus team %s ready: %s", self.team.name, ", ".join(self.team.replicas))
+        self.app_name = serve.get_replica_context().app_name or "chorus"
+        self.team = await Team.start(self.config, name=f"chorus-{self.app_name}",
+                                     app=self.app_name, deployed_at=deployed_at)
+        gate.serving(self.team, self.config.server.retry_after_s)
+        logger.info("Chorus team %s ready: %s", self.team.name,
+                    ", ".join(label for group in self.team.replicas.values() for label in group))
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve stops this replica (scale-down, redeploy, or the app is deleted): only
+        a deleted app takes the team with it."""
         team = getattr(self, "team", None)
-        if team is not None:
-            team.shutdown()
+        if team is None:
+            return
+        if await app_deleted(self.app_name):
+            logger.info("app %s deleted: removing its team", self.app_name)
+            await team.remove()
+        else:
+            team.detach()
 
     # ------------------------------------------------------------------ admission
 
-    def _admit(self, request: Request) -> str:
-        """Auth, then a server-unique id; the caller's X-Request-ID is only a label."""
+    def _admit(self, request: Request) -> Call:
+        """Auth, then a server-unique id and the request's one state (its `Call`); the
+        caller's X-Request-ID is only a label."""
         request.state.retry_after = self.config.server.retry_after_s
-        request.state.started = time.monotonic()
-        request.state.telemetry = self.telemetry  # for a hang-up seen by an exception handler
+        request.state.team = self.team  # for a hang-up seen by an exception handler
+        call = request.state.call = Call(None)
         if self.api_key:
             sent = request.headers.get("authorization", "")
             token = sent[7:] if sent.lower().startswith("bearer ") else request.headers.get(
@@ -180,7 +198,7 @@ class ChorusIngress:
         request.state.correlation_id = correlation_id(
             request.headers.get("x-request-id"), self.config.server.max_correlation_id_chars)
         request.state.request_id = new_id("req")
-        return request.state.request_id
+        return call
 
     async def _body(self, request: Request) -> dict[str, Any]:
         limits = self.config.server
@@ -208,10 +226,12 @@ class ChorusIngress:
                 f"max_tokens: {req.max_tokens} is above the limit of {limits.max_tokens_limit}",
                 field="max_tokens")
 
-    async def _start(self, req: OrchestrateRequest, live: bool) -> tuple[Any, AsyncIterator[Any]]:
+    async def _start(self, call: Call, req: OrchestrateRequest,
+                     live: bool) -> tuple[Any, AsyncIterator[Any]]:
         """Accept the request or raise (4xx/429/503) before any byte of a 200 is sent."""
         self._bounds(req)
-        events = self.team.stream(req, live=live)
+        call.request = req
+        events = self.team.stream(req, live=live, call=call)
         first = await events.__anext__()
         return first, events
 
@@ -219,7 +239,8 @@ class ChorusIngress:
 
     @api.post(ORCHESTRATE)
     async def orchestrate(self, request: Request) -> Any:
-        rid = self._admit(request)
+        call = self._admit(request)
+        rid = request.state.request_id
         with until_answered(request):
             body = await self._body(request)
             stream = body.pop("stream", True)
@@ -227,13 +248,13 @@ class ChorusIngress:
                 raise BadRequestError("stream: must be true or false", field="stream")
             req = OrchestrateRequest.parse(
                 {**body, "id": rid, "correlation_id": request.state.correlation_id})
-            first, events = await self._start(req, live=stream)
+            first, events = await self._start(call, req, live=stream)
         headers = {ID_HEADER: rid}
         if stream:
-            return EventStream(self._relay(first, events, ORCHESTRATE),
+            return EventStream(self._relay(call, first, events, ORCHESTRATE),
                                media_type="text/event-stream",
                                headers={**SSE_HEADERS, **headers})
-        final = [event async for event in self._timed(first, events, ORCHESTRATE)][-1]
+        final = [event async for event in self._timed(call, first, events, ORCHESTRATE)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message, final.param),
                                 status_code=final.status, headers=headers)
@@ -255,7 +276,8 @@ class ChorusIngress:
 
     async def _openai(self, request: Request, model: Any, kind: Literal["chat", "text"]) -> Any:
         """An OpenAI chat or legacy completion: translate, run, shape (docs/openai.md)."""
-        rid = self._admit(request)
+        call = self._admit(request)
+        rid = request.state.request_id
         with until_answered(request):
             body = model.parse(await self._body(request))
             priority = request_priority(body.priority, request.headers.get(PRIORITY_HEADER))
@@ -264,15 +286,15 @@ class ChorusIngress:
             req = req.model_copy(update={"correlation_id": request.state.correlation_id})
             # Tool calls are read from the whole answer: nothing to stream before it ends.
             first, events = await self._start(
-                req, live=body.stream and not req.sampling.calls_tools)
+                call, req, live=body.stream and not req.sampling.calls_tools)
         shape, route = Shape(body.model, rid, kind), route_of(request)
         if body.stream:
             synthesizing = fusion == "synthesize" and bool(first.plan.experts)
-            chunks = openai_stream(self._timed(first, events, route), shape, fusion,
+            chunks = openai_stream(self._timed(call, first, events, route), shape, fusion,
                                    synthesizing, body.include_usage)
             return EventStream(chunks, media_type="text/event-stream",
                                headers={**SSE_HEADERS, ID_HEADER: rid})
-        final = [event async for event in self._timed(first, events, route)][-1]
+        final = [event async for event in self._timed(call, first, events, route)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message, final.param),
                                 status_code=final.status, headers={ID_HEADER: rid})
@@ -298,16 +320,20 @@ class ChorusIngress:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Readiness: a default request could be served right now; 503 names what is not."""
+        """Readiness: a default request could be served right now; 503 names what is not
+        (a team being stopped says `draining` here before its port closes)."""
         ready, body = await self.team.readiness()
         return JSONResponse(body, status_code=200 if ready else 503,
                             headers={} if ready else {"Retry-After": "5"})
 
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
+        """The team's figures, counted once whatever the number of ingress replicas."""
         self._admit(request)
-        return {**await self.team.stats(), "ingress": {"node_id": _node_id(), "pid": os.getpid()},
-                "requests": self.telemetry.snapshot()}
+        body = await self.team.stats()
+        body["ingress"] = {"node_id": _node_id(), "pid": os.getpid(),
+                           "replicas": body.pop("ingresses", [])}
+        return body
 
     @api.get("/v1/options")
     async def options(self) -> dict[str, Any]:
@@ -319,9 +345,12 @@ class ChorusIngress:
     async def stream_events(self, data: dict[str, Any],
                             live: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Same events as the SSE route, as dicts, for `Client.connect` (a handle call)."""
+        if self.team.draining:
+            raise ShuttingDownError("this Chorus server is shutting down; retry shortly")
+        call = Call(None)
         req = OrchestrateRequest.parse({**data, "id": new_id("req")})
-        first, events = await self._start(req, live=live)
-        async for event in self._timed(first, events, "handle"):
+        first, events = await self._start(call, req, live=live)
+        async for event in self._timed(call, first, events, "handle"):
             yield event.model_dump(mode="json")
 
     async def team_stats(self) -> dict[str, Any]:
@@ -329,37 +358,29 @@ class ChorusIngress:
 
     # ------------------------------------------------------------------ streaming
 
-    async def _timed(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[Any]:
-        """Relay events, closing the team stream (cancelling its tasks) if we stop early."""
-        started = time.monotonic()
-        outcome, ttft = "disconnected", None
+    async def _timed(self, call: Call, first: Any, events: AsyncIterator[Any],
+                     route: str) -> AsyncIterator[Any]:
+        """Relay events, closing the team stream (cancelling its tasks) if we stop early;
+        the request's outcome and TTFT are its `Call`'s, counted once at the end."""
         try:
             yield first
             async for event in events:
-                if event.type == "primary" and outcome == "disconnected":
-                    ttft = time.monotonic() - started
-                    metrics().ttft.observe(ttft, tags={"route": route})
-                    outcome = "streaming"
-                if event.type in ("done", "error"):
-                    outcome = "ok" if event.type == "done" else event.code
-                    if outcome == TaskCancelledError.code:
-                        # Ray cancelled the request's calls because its caller left (Serve
-                        # cancels them with the request): a hang-up, not a failure.
-                        outcome = "disconnected"
+                if event.type == "error":  # Serve's access log has every request; this, why
                     logger.info("request %s (%s) ended: %s", first.request_id,
-                                first.plan.primary.request_id, outcome)
+                                first.plan.primary.request_id, call.final_outcome())
                 yield event
         finally:
             await events.aclose()  # caller gone: Team.stream cancels every task
-            # A stream that never reached `done` or `error` ended with its caller.
-            ended = "disconnected" if outcome == "streaming" else outcome
+            ended = call.final_outcome()
             metrics().requests.inc(tags={"route": route, "outcome": ended})
-            latency = time.monotonic() - started
-            metrics().latency.observe(latency, tags={"route": route})
-            self.telemetry.record(latency, ttft, ended)
+            metrics().latency.observe(call.elapsed_s(), tags={"route": route})
+            if call.ttft_s is not None:
+                metrics().ttft.observe(call.ttft_s, tags={"route": route})
+            self.team.ended(call, ended)
 
-    async def _relay(self, first: Any, events: AsyncIterator[Any], route: str) -> AsyncIterator[str]:
-        async for event in self._timed(first, events, route):
+    async def _relay(self, call: Call, first: Any, events: AsyncIterator[Any],
+                     route: str) -> AsyncIterator[str]:
+        async for event in self._timed(call, first, events, route):
             yield _sse(event.type, event.model_dump(mode="json"))
 
 
@@ -376,7 +397,15 @@ def build_app(args: dict[str, str]) -> Application:
     """Application builder: `serve run serve_app:build_app config=config/chaos.yaml`."""
     path = _resolve(args.get("config") or os.environ.get("CHORUS_CONFIG") or DEFAULT_CONFIG)
     config = load_config(path)  # a malformed config fails here, naming the field
-    return ChorusIngress.options(ray_actor_options=config.server.resources.ray_options()).bind(path)
+    stopping.built(config)
+    if stopping.in_serve_run():
+        stopping.drain_on_signals()
+    return ChorusIngress.options(
+        ray_actor_options=config.server.resources.ray_options(),
+        # A stopping replica (scale-down, redeploy) serves its streams to the end first.
+        graceful_shutdown_timeout_s=config.server.drain_s,
+        **config.server.ingress.serve_options(),
+    ).bind(path, time.time())
 
 
 app = build_app({})

@@ -1,17 +1,21 @@
-"""One request end to end, from the caller's process: plan, records, text, events.
+"""The caller's side of every live request a process runs on one team: Ray moves only.
 
-The caller (the Serve ingress, or a driver using `Client.local`) asks the router
-for a plan, hands it to the executor, and reads streamed text straight from the
-expert replica that serves each attempt (`ExpertActor.read`). `Assembly` (no Ray)
-turns both into the caller's events; this module only moves objects:
+One `Caller` per process and team (the Serve ingress replica, or a driver using
+`Client.local`). It opens one session with the executor and one with each expert
+replica its attempts run on, and routes what they send to each request's `Call`
+(`orchestration/call.py`) as typed items; `Assembly` (no Ray) turns them into events.
+Per request, in Ray calls:
 
-    router.plan(request)               1 call
-    executor.stream(plan)              1 call, then a few record batches per plan
-    replica.read(key)                  1 call per streamed attempt, coalesced text batches
+    router.plan(request)             1 call (none when the caller can plan it itself)
+    executor.submit(plan, caller)    1 call: `Admitted`, or the admission error (429)
+    executor.cancel(request id)      1 call, only if the caller leaves before the end
 
-Errors before the executor admitted the plan (bad input, full queue, an actor down)
-are raised, so a server can still answer 4xx/429/503; after it, the driver ends the
-stream with an `error` event (see `Team.stream`).
+Everything else travels on the shared sessions: `executor.session(caller)` carries the
+records of all its plans, `replica.session(caller)` the text of all its attempts on
+that replica, each batch an object shared by every request in it (docs/token-path.md).
+A session that breaks (its actor died) ends every request on it with an `error` event
+(the executor's), or loses nothing (a replica's: the executor retries, the final result
+fills any gap).
 """
 
 from __future__ import annotations
@@ -24,131 +28,190 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.boundary import translate
-from orchestration.assembly import Assembly, ReadOrder
+from orchestration.assembly import Assembly
+from orchestration.call import Call, Lost, Records, Text
 from orchestration.config import StreamConfig
 from orchestration.models import ExecutionPlan, ExecutorLoad
-from orchestration.wire import Admitted, Closed, Finished
+from orchestration.wire import Closed, Finished, task_of
 
 
-class LivePlan:
-    """Events of one admitted plan whose text the caller reads as it is generated."""
+class _Session:
+    """One open streaming call to an actor, and its pump task."""
 
-    def __init__(self, plan: ExecutionPlan, executor: ActorHandle, gen: Any,
-                 replica: Callable[[str], ActorHandle], stream: StreamConfig) -> None:
-        self.plan = plan
-        self.executor = executor
-        self.gen = gen  # the executor's ObjectRefGenerator of record batches
-        self.replica = replica
-        self.config = stream
-        self.assembly = Assembly(plan)
-        self.finished = False
-        self.first: list[Any] = []  # the records that came with `Admitted`
-        self.admitted: ExecutorLoad | None = None  # the executor's load at admission
-        self._pump: asyncio.Future[None] | None = None
-        self._readers: list[asyncio.Future[None]] = []
-        self._closed = False
+    def __init__(self, handle: ActorHandle) -> None:
+        self.handle = handle
+        self.pump: asyncio.Task[None] | None = None
+        self.calls: set[str] = set()  # request ids (executor sessions only)
 
-    @classmethod
-    async def open(cls, plan: ExecutionPlan, executor: ActorHandle,
-                   replica: Callable[[str], ActorHandle], stream: StreamConfig) -> LivePlan:
-        """Submit the plan and wait for admission (raises QueueFullError and the like)."""
-        gen = executor.stream.options(
-            num_returns="streaming",
-            _generator_backpressure_num_objects=stream.backpressure_objects,
-        ).remote(plan)
+
+class Caller:
+    """Sessions with the team's actors, and the routing of what they send to calls."""
+
+    def __init__(self, caller_id: str, stream: StreamConfig,
+                 resolve: Callable[[str], ActorHandle | None]) -> None:
+        self.id = caller_id
+        self.stream = stream
+        self.resolve = resolve  # actor name -> handle, from the team's view
+        self.calls: dict[str, Call] = {}  # request id -> call
+        self.tasks: dict[str, Call] = {}  # task id -> call (text is keyed by attempt)
+        self._executors: dict[str, _Session] = {}  # executor actor id -> session
+        self._replicas: dict[str, _Session] = {}  # replica actor name -> session
+
+    # ------------------------------------------------------------------ one call
+
+    async def submit(self, call: Call, executor: ActorHandle) -> ExecutorLoad:
+        """Admit the call's plan; from now on its records and text reach its inbox.
+        Raises the admission error (QueueFullError, the executor down) as ours."""
+        plan = call.plan
+        assert plan is not None
+        call.assembly = Assembly(plan)
+        call.executor = executor
+        session = self._executor_session(executor)
+        self.calls[plan.request_id] = call
+        for task in plan.tasks:
+            self.tasks[task.id] = call
+        session.calls.add(plan.request_id)
         try:
-            first = await (await gen.__anext__())  # [Admitted, ...] or the admission error
+            admitted = await executor.submit.remote(plan, self.id)
         except BaseException as exc:
-            ray.cancel(gen)
+            self._forget(call)
+            call.closed = True  # never admitted: nothing to cancel
             if isinstance(exc, Exception):
                 raise translate(exc, actor="executor") from None
             raise
-        live = cls(plan, executor, gen, replica, stream)
-        live.first = first
-        if first and isinstance(first[0], Admitted):
-            live.admitted = ExecutorLoad(active=first[0].active, queued=first[0].queued)
-        return live
+        return ExecutorLoad(active=admitted.active, queued=admitted.queued)
 
-    async def events(self) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        queue.put_nowait(("records", self.first))
-        self._pump = asyncio.ensure_future(self._records(queue))
-        try:
-            while True:
-                kind, item = await queue.get()
-                if kind == "text":
-                    for event in self.assembly.on_text(*item):
-                        yield event
-                    continue
-                if kind == "error":
-                    raise item
-                step = self.assembly.on_records(item)
-                # Readers of attempts whose text no longer counts are left to end: their
-                # channels closed when the attempt ended, and the assembly ignores what
-                # they still deliver. Cancelling them would cost a call per attempt and
-                # stop nothing that would not stop anyway.
-                self._readers += [asyncio.ensure_future(self._read(order, queue))
-                                  for order in step.read]
-                # Set before yielding `done`: the consumer may stop right after it.
-                self.finished = step.done
-                for event in step.events:
+    async def events(self, call: Call) -> AsyncIterator[Any]:
+        """The call's events until its plan closed (raises if the executor died)."""
+        assembly = call.assembly
+        assert assembly is not None
+        while True:
+            item = await call.inbox.get()
+            if isinstance(item, Text):
+                for event in assembly.on_text(item.key, item.text):
                     yield event
-                if step.done:
-                    return
-        finally:
-            await self.close()
+                continue
+            if isinstance(item, Lost):
+                call.closed = True
+                raise item.error
+            step = assembly.on_records(item.records)
+            for name in step.read:
+                self._replica_session(name)
+            call.closed = step.done  # set before yielding `done`: the consumer may stop
+            for event in step.events:
+                yield event
+            if step.done:
+                return
 
-    async def close(self) -> None:
-        """End the plan's Ray work; idempotent. `events()` calls it on the way out, and
-        its driver must too: a consumer that stops before `events()` ever ran (right
-        after the `plan` event) closes a generator whose `finally` never runs."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._pump is not None:
-            self._pump.cancel()
-        readers = self._readers
-        if self.finished and readers:
-            # Their attempts ended, so they end within a batch; wait (briefly) so no
-            # task outlives the request, then stop any that still waits (an attempt
-            # cancelled before it reached its replica never writes).
-            await asyncio.wait(readers, timeout=self.config.max_hold_s + 1.0)
-        for reader in readers:
-            reader.cancel()
-        if not self.finished:
-            # The caller went away (or failed): nothing of this request may keep
-            # running. Cancelling the stream cancels every task of the plan (the
-            # executor's `stream` cancels its run on the way out), and each reader
-            # stops its replica-side generator.
-            ray.cancel(self.gen)
+    def close(self, call: Call) -> None:
+        """The call is over for its caller; a plan still running is cancelled (every
+        task of it ends `cancelled`, without a retry or a new dispatch)."""
+        self._forget(call)
+        if not call.closed and call.executor is not None:
+            call.closed = True
+            call.executor.cancel.remote(call.request_id)
 
-    async def _records(self, queue: asyncio.Queue[tuple[str, Any]]) -> None:
-        try:
-            async for ref in self.gen:
-                queue.put_nowait(("records", await ref))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the executor died mid-plan: the driver ends the stream
-            queue.put_nowait(("error", translate(exc, actor="executor")))
+    def _forget(self, call: Call) -> None:
+        if self.calls.get(call.request_id) is call:
+            del self.calls[call.request_id]
+        if call.plan is not None:
+            for task in call.plan.tasks:
+                if self.tasks.get(task.id) is call:
+                    del self.tasks[task.id]
+        for session in self._executors.values():
+            session.calls.discard(call.request_id)
 
-    async def _read(self, order: ReadOrder, queue: asyncio.Queue[tuple[str, Any]]) -> None:
-        gen = self.replica(order.replica).read.options(
+    # ------------------------------------------------------------------ sessions
+
+    def _executor_session(self, executor: ActorHandle) -> _Session:
+        key = executor._actor_id.hex()
+        session = self._executors.get(key)
+        if session is None:
+            session = self._executors[key] = _Session(executor)
+            session.pump = asyncio.ensure_future(self._records(key, session))
+        return session
+
+    async def _records(self, key: str, session: _Session) -> None:
+        gen = session.handle.session.options(
             num_returns="streaming",
-            _generator_backpressure_num_objects=self.config.backpressure_objects,
-        ).remote(order.key, order.offset, self.config.max_hold_s)
-        ended = False
+            _generator_backpressure_num_objects=self.stream.backpressure_objects,
+        ).remote(self.id)
         try:
             async for ref in gen:
-                text, _tokens = await ref
-                queue.put_nowait(("text", (order.task_id, order.key, text)))
-            ended = True
+                self._route_records(await ref)
+            raise RuntimeError("the executor ended its session")
         except asyncio.CancelledError:
+            ray.cancel(gen)
             raise
-        except Exception:  # noqa: S110 - a reader that fails (replica died) loses nothing:
-            pass  # the executor retries the attempt, and the final result fills any gap
+        except Exception as exc:  # the executor died mid-plan: its calls end with an error
+            error = translate(exc, actor="executor")
+            for request_id in list(session.calls):
+                call = self.calls.get(request_id)
+                if call is not None:
+                    call.inbox.put_nowait(Lost(error))
         finally:
-            if not ended:
-                ray.cancel(gen)  # stop the replica-side reader we no longer listen to
+            if self._executors.get(key) is session:
+                del self._executors[key]
+
+    def _route_records(self, batch: list[tuple[str, Any]]) -> None:
+        """(request id, record) pairs, in order: one `Records` item per call and run."""
+        current: Call | None = None
+        records: list[Any] = []
+        for request_id, record in batch:
+            call = self.calls.get(request_id)
+            if call is not current:
+                if current is not None and records:
+                    current.inbox.put_nowait(Records(records))
+                current, records = call, []
+            if call is not None:
+                records.append(record)
+        if current is not None and records:
+            current.inbox.put_nowait(Records(records))
+
+    def _replica_session(self, name: str) -> None:
+        if not name or name in self._replicas:
+            return
+        handle = self.resolve(name)
+        if handle is None:
+            return  # gone from the team already: its tasks' results carry the text
+        session = self._replicas[name] = _Session(handle)
+        session.pump = asyncio.ensure_future(self._text(name, session))
+
+    async def _text(self, name: str, session: _Session) -> None:
+        gen = session.handle.session.options(
+            num_returns="streaming",
+            _generator_backpressure_num_objects=self.stream.backpressure_objects,
+        ).remote(self.id, self.stream.max_hold_s)
+        try:
+            async for ref in gen:
+                for key, text, _tokens in await ref:
+                    call = self.tasks.get(task_of(key))
+                    if call is not None:
+                        call.inbox.put_nowait(Text(key, text))
+        except asyncio.CancelledError:
+            ray.cancel(gen)
+            raise
+        except Exception:  # noqa: S110 - the replica died: its attempts are retried by
+            pass  # the executor, and their final results fill any gap in the text
+        finally:
+            if self._replicas.get(name) is session:
+                del self._replicas[name]
+
+    def keep_replicas(self, names: set[str]) -> None:
+        """Close the sessions of replicas that left the team (the view changed)."""
+        for name in [n for n in self._replicas if n not in names]:
+            session = self._replicas.pop(name)
+            if session.pump is not None:
+                session.pump.cancel()
+
+    def shutdown(self) -> None:
+        for call in list(self.calls.values()):
+            self.close(call)
+        for session in [*self._executors.values(), *self._replicas.values()]:
+            if session.pump is not None:
+                session.pump.cancel()
+        self._executors.clear()
+        self._replicas.clear()
 
 
 async def settled_plan(plan: ExecutionPlan, executor: ActorHandle
@@ -166,3 +229,4 @@ async def settled_plan(plan: ExecutionPlan, executor: ActorHandle
     assembly = Assembly(plan, live=False)
     step = assembly.on_records([*(Finished(result) for result in results), Closed()])
     return ExecutorLoad(active=admitted.active, queued=admitted.queued), step.events
+

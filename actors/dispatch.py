@@ -1,7 +1,9 @@
 """The executor's Ray boundary for one attempt: a slot, a replica, one ObjectRef.
 
 `RayDispatcher` implements the task runner's `Dispatcher` protocol: `slot` waits for
-the scheduler's grant and picks the replica (`orchestration.replicas`); `invoke` calls
+the scheduler's grant and picks the replica (`orchestration.replicas`) — when every
+replica of the expert is one whose process died, it first waits (up to the task's
+timeout) for one to answer again; `invoke` calls
 `ExpertActor.run`, and cancelling the await cancels the ref (`ray.cancel`), so a
 deadline or a caller that went away reaches the engine. Ray's errors are translated by
 `actors.boundary`.
@@ -18,6 +20,7 @@ from typing import Any
 
 import ray
 
+from actors.actor_table import ray_state
 from actors.boundary import translate
 from orchestration.errors import ExpertUnavailableError, TaskCancelledError
 from orchestration.models import ExpertTask
@@ -30,6 +33,7 @@ from orchestration.wire import Completion
 class RayLease:
     expert: str
     replica: str
+    actor: str
     target: Replica
     grant: Any
     # How the attempt ended, for the replica's health: set by `invoke`, or by the runner
@@ -41,17 +45,19 @@ class RayDispatcher:
     """Slots from the scheduler, replicas from the pools, calls through Ray."""
 
     def __init__(self, slots: SlotScheduler, pools: dict[str, ReplicaPool],
-                 plan_of: Callable[[str], str], streams: Callable[[str], bool],
+                 plan_of: Callable[[str], str], streams: Callable[[str], str | None],
                  health_changed: Callable[[str], None]) -> None:
         self.slots = slots
         self.pools = pools
         self._health_changed = health_changed  # the expert's bound may have moved
         self._plan_of = plan_of  # task id -> plan id (the scheduler's per-plan bound)
-        self._streams = streams  # task id -> does a caller read its text live?
+        self._streams = streams  # task id -> the caller that reads its text live, or None
         self.outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef
+        self._revivals: dict[str, asyncio.Future[None]] = {}  # actor name -> its `ready`
 
     @asynccontextmanager
     async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[RayLease]:
+        await self._until_back(expert, task.timeout_s)
         grant = await self.slots.acquire(expert, self._plan_of(task.id), task.rank)
         try:
             pool = self.pools.get(expert)
@@ -59,7 +65,7 @@ class RayDispatcher:
             if pool is None or replica is None:
                 raise ExpertUnavailableError(f"{expert}: no replica to dispatch to")
             pool.started(replica)
-            lease = RayLease(expert, replica.label, replica, grant)
+            lease = RayLease(expert, replica.label, replica.name, replica, grant)
             try:
                 yield lease
             finally:
@@ -69,6 +75,48 @@ class RayDispatcher:
                     self._health_changed(expert)
         finally:
             self.slots.release(grant)
+
+    async def _until_back(self, expert: str, timeout_s: float) -> None:
+        """With no healthy replica but some whose process died (Ray restarts them, or
+        the supervisor re-creates them), wait until one answers again — at most
+        `timeout_s` — so an attempt is not spent on a replica still restarting."""
+        pool = self.pools.get(expert)
+        if pool is None:
+            return
+        now = time.monotonic()
+        serving = [r for r in pool.replicas.values() if not r.draining]
+        if not serving or any(r.health(now) == "healthy" for r in serving):
+            return
+        waits = [self._revival(expert, r) for r in serving if r.suspect]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+
+    def _revival(self, expert: str, replica: Replica) -> asyncio.Future[None]:
+        """One `ready` call per replica incarnation, shared by every task waiting for it:
+        Ray holds it until the restarted process answers (or fails it: dead for good)."""
+        revival = self._revivals.get(replica.name)
+        if revival is None:
+            revival = self._revivals[replica.name] = asyncio.ensure_future(
+                self._await_ready(expert, replica))
+        return revival
+
+    async def _await_ready(self, expert: str, replica: Replica) -> None:
+        try:
+            while replica.suspect:  # the supervisor may clear it first (it saw it back)
+                try:
+                    await replica.handle.ready.remote()
+                    break
+                except Exception as exc:  # sent while it restarted, or dead for good
+                    gone = isinstance(translate(exc, expert=expert), ExpertUnavailableError)
+                    if gone and (await asyncio.to_thread(ray_state, replica.handle))[0] != "DEAD":
+                        await asyncio.sleep(0.1)
+                        continue
+                    return  # dead for good (or a bug): the attempt finds out
+            if replica.suspect:
+                replica.suspect, replica.failures = False, 0
+                self._health_changed(expert)
+        finally:
+            self._revivals.pop(replica.name, None)
 
     async def invoke(self, lease: RayLease, task: ExpertTask, key: str) -> Completion:
         ref = lease.target.handle.run.remote(task, key, self._streams(task.id))

@@ -3,10 +3,14 @@
 One actor serves every plan, so one `SlotScheduler` orders dispatch across all
 requests. Each task is driven by the Ray-free `TaskRunner` (retries, fallback,
 deadlines) over `RayDispatcher` (slots, replicas, `ray.cancel`). The executor never
-relays generated text: callers read it from the expert (docs/token-path.md). What a
-caller gets from `stream(plan)` is a few records per task — `Admitted` first, then
-`Dispatched` / `Retrying` / `Finished`, then `Closed` — merged into one object
-whenever the caller is slower than the records come.
+relays generated text: callers read it from the expert (docs/token-path.md).
+
+A caller process opens one `session(caller)` and `submit`s each plan to it: the
+submission answers `Admitted` (or raises QueueFullError: a 429), and every record of
+every plan of that caller — `Dispatched` / `Retrying` / `Finished`, then `Closed` —
+travels on the session, merged into one object whenever the caller is slower than
+the records come. When a session ends (the caller closed it, or died), its plans are
+cancelled.
 """
 
 from __future__ import annotations
@@ -33,32 +37,41 @@ from orchestration.task_runner import TaskRun, TaskRunner
 from orchestration.wire import Admitted, Closed, Finished, Record, Retrying
 
 
-class RequestRun:
-    """One admitted plan: its task jobs, its outbox of records, its results."""
+class Session:
+    """One caller's records, for every plan it submitted, until it reads them."""
 
-    def __init__(self, plan: ExecutionPlan, live: bool) -> None:
+    def __init__(self, caller: str) -> None:
+        self.caller = caller
+        self.outbox: list[tuple[str, Record]] = []  # (request id, record)
+        self.runs: dict[str, RequestRun] = {}  # its plans still running
+        self.changed = asyncio.Event()
+
+    def put(self, request_id: str, record: Record) -> None:
+        self.outbox.append((request_id, record))
+        self.changed.set()
+
+    async def batches(self) -> AsyncIterator[list[tuple[str, Record]]]:
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            batch, self.outbox = self.outbox, []
+            if batch:
+                yield batch
+
+
+class RequestRun:
+    """One admitted plan: its task jobs, where its records go, its results."""
+
+    def __init__(self, plan: ExecutionPlan, session: Session | None) -> None:
         self.plan = plan
-        self.live = live  # a caller reads records (and streamed text) as they come
+        self.session = session  # None: nobody reads records or text live (`run`)
         self.jobs: list[asyncio.Task[TaskResult]] = []
         self.results: dict[str, TaskResult] = {}
-        self.outbox: list[Record] = []
-        self._changed = asyncio.Event()
         self.closed = False
 
     def put(self, record: Record) -> None:
-        if self.live:
-            self.outbox.append(record)
-            self._changed.set()
-
-    async def batches(self) -> AsyncIterator[list[Record]]:
-        """Everything queued since the last batch, until `Closed` has been sent."""
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            batch, self.outbox = self.outbox, []
-            yield batch
-            if batch and isinstance(batch[-1], Closed):
-                return
+        if self.session is not None:
+            self.session.put(self.plan.request_id, record)
 
     def cancel(self) -> int:
         pending = [job for job in self.jobs if not job.done()]
@@ -89,17 +102,16 @@ class ExecutorActor:
         # (re-created under a new name, scaled down). Skip them; the supervisor tells a
         # restarted executor the actors of now.
         self.router = _actor(router, namespace) if router else None
-        scaling = config.scaling
-        self.pools = {e.name: ReplicaPool(e.name, e.max_concurrency, scaling.cooldown_failures,
-                                          scaling.cooldown_s) for e in config.experts}
+        self.pools = {e.name: self._pool(e.name, e.max_concurrency) for e in config.experts}
         now = time.monotonic()
         for expert, group in replicas.items():
-            found = {label: _actor(name, namespace) for label, name in group.items()}
-            self.pools[expert].update(
-                {label: (handle, "ready") for label, handle in found.items() if handle}, now)
+            found = {label: (_actor(name, namespace), name) for label, name in group.items()}
+            self.pools[expert].update({label: (handle, "ready", name)
+                                       for label, (handle, name) in found.items() if handle}, now)
         self.slots = SlotScheduler(config.executor.max_in_flight,
                                    {name: pool.capacity(now) for name, pool in self.pools.items()})
         self.requests: dict[str, RequestRun] = {}
+        self.sessions: dict[str, Session] = {}  # caller -> its records
         self._task_runs: dict[str, RequestRun] = {}  # task id -> its request
         self.dispatcher = RayDispatcher(self.slots, self.pools, self._plan_of, self._streams,
                                         self._refresh_limit)
@@ -122,26 +134,43 @@ class ExecutorActor:
         return self.slots.total, self._unfinished - self.slots.total
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
-    async def stream(self, plan: ExecutionPlan) -> AsyncIterator[list[Record]]:
-        """`Admitted`, then the plan's records in batches, ending with `Closed`."""
-        run = self._admit(plan, live=True)
+    async def session(self, caller: str) -> AsyncIterator[list[tuple[str, Record]]]:
+        """Every record of `caller`'s plans, in batches of (request id, record), until
+        the caller closes it; then (or if the caller dies) its plans are cancelled."""
+        session = self._session(caller)
         try:
-            # One loop step lets tasks with a free slot dispatch, so their `Dispatched`
-            # records travel with `Admitted` (one object less, and the caller opens its
-            # reader sooner).
-            await asyncio.sleep(0)
-            first, run.outbox = run.outbox, []
-            yield [Admitted(*self._load()), *first]
-            async for batch in run.batches():
+            async for batch in session.batches():
                 yield batch
         finally:
-            run.cancel()  # a no-op when finished; the caller went away otherwise
+            for run in list(session.runs.values()):
+                run.cancel()
+            if self.sessions.get(caller) is session:
+                del self.sessions[caller]
+
+    @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
+    def submit(self, plan: ExecutionPlan, caller: str) -> Admitted:
+        """Admit a plan whose records go to `caller`'s session (raises QueueFullError)."""
+        self._admit(plan, self._session(caller))
+        return Admitted(*self._load())
+
+    def drop_caller(self, caller: str) -> int:
+        """A caller that is gone (its process died): cancel its plans, forget its session."""
+        session = self.sessions.pop(caller, None)
+        if session is None:
+            return 0
+        return sum(run.cancel() for run in list(session.runs.values()))
+
+    def _session(self, caller: str) -> Session:
+        session = self.sessions.get(caller)
+        if session is None:
+            session = self.sessions[caller] = Session(caller)
+        return session
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     async def run(self, plan: ExecutionPlan) -> tuple[Admitted, list[TaskResult]]:
         """The load at admission and all of a plan's results (primary first), for a
         caller that needs no stream."""
-        run = self._admit(plan, live=False)
+        run = self._admit(plan, None)
         admitted = Admitted(*self._load())
         try:
             return admitted, list(await asyncio.gather(*run.jobs))
@@ -157,11 +186,48 @@ class ExecutorActor:
         """Where to publish load (a re-created router)."""
         self.router = router
 
-    def set_replicas(self, expert: str, members: dict[str, tuple[ActorHandle, str]]) -> None:
-        """The supervisor's view of an expert's replicas: label -> (handle, state), state
-        "ready", "down" (restarting or being re-created) or "draining" (scaled down)."""
-        self.pools[expert].update(members, time.monotonic())
+    def set_replicas(self, expert: str,
+                     members: dict[str, tuple[ActorHandle, str, str]]) -> None:
+        """The supervisor's view of an expert's replicas: label -> (handle, state, actor
+        name), state "ready", "down" (restarting or being re-created) or "draining"."""
+        pool = self.pools.get(expert)
+        if pool is None:  # an expert a redeploy adds, published before `reconfigure`
+            each = next((e.max_concurrency for e in self.config.experts if e.name == expert), 1)
+            pool = self.pools[expert] = self._pool(expert, each)
+        pool.update(members, time.monotonic())
         self._refresh_limit(expert)
+
+    def reconfigure(self, config: ChorusConfig) -> None:
+        """A redeploy's settings, in place: bounds, queue, retry policy, fallbacks, pools
+        of added experts. Pools of removed experts stay until `forget_expert` (their
+        replicas drain first); accepted work is untouched."""
+        self.config = config
+        for expert in config.experts:
+            pool = self.pools.get(expert.name)
+            if pool is None:
+                self.pools[expert.name] = self._pool(expert.name, expert.max_concurrency)
+            else:
+                pool.capacity_each = expert.max_concurrency  # for replicas that join later
+                pool.cooldown_failures = config.scaling.cooldown_failures
+                pool.cooldown_s = config.scaling.cooldown_s
+            self._refresh_limit(expert.name)
+        self.slots.set_max_in_flight(config.executor.max_in_flight)
+        self.runner.retry = config.executor.retry
+        self.runner.fallbacks = {e.name: e.fallback for e in config.experts}
+
+    def forget_expert(self, expert: str) -> None:
+        """An expert that left the config and whose replicas are gone: its tasks (of
+        plans made before) fail at once as having no replica."""
+        self.pools.pop(expert, None)
+        self._refresh_limit(expert)
+
+    async def vigil(self) -> None:
+        """Never returns: the supervisor learns of this process's death when it fails."""
+        await asyncio.Event().wait()
+
+    def _pool(self, expert: str, capacity_each: int) -> ReplicaPool:
+        scaling = self.config.scaling
+        return ReplicaPool(expert, capacity_each, scaling.cooldown_failures, scaling.cooldown_s)
 
     def pool_stats(self) -> dict[str, Any]:
         """Per expert: tasks queued and in flight (the autoscaler's input), each replica's
@@ -202,6 +268,7 @@ class ExecutorActor:
             "in_flight_per_expert": {k: v for k, v in self.slots.per_expert.items() if v},
             "replicas": {name: pool.stats(time.monotonic()) for name, pool in self.pools.items()},
             "requests": len(self.requests),
+            "sessions": len(self.sessions),
             "counters": {**self.counters, **self.runner.counters},
         }
 
@@ -210,8 +277,13 @@ class ExecutorActor:
     def _refresh_limit(self, expert: str) -> None:
         """The expert's bound follows its dispatchable replicas (health, draining,
         cool-downs); a cool-down's end is a change too, so it gets a timer."""
-        pool, now = self.pools[expert], time.monotonic()
-        self.slots.set_limit(expert, pool.capacity(now))
+        pool, now = self.pools.get(expert), time.monotonic()
+        # An expert with nothing to dispatch to (all drained, or forgotten) still grants
+        # one slot at a time: its tasks then fail at once for want of a replica (and go
+        # to their fallback) instead of waiting for a slot that never comes.
+        self.slots.set_limit(expert, (pool.capacity(now) if pool is not None else 0) or 1)
+        if pool is None:
+            return
         ends = [r.cooling_until for r in pool.replicas.values() if r.cooling_until > now]
         if ends and expert not in self._cooling_timers:
             def expired() -> None:
@@ -224,9 +296,12 @@ class ExecutorActor:
     def _plan_of(self, task_id: str) -> str:
         return self._task_runs[task_id].plan.id
 
-    def _streams(self, task_id: str) -> bool:
+    def _streams(self, task_id: str) -> str | None:
+        """The caller that reads this task's text live, if any."""
         run = self._task_runs[task_id]
-        return run.live and next(t.stream for t in run.plan.tasks if t.id == task_id)
+        if run.session is None or not next(t.stream for t in run.plan.tasks if t.id == task_id):
+            return None
+        return run.session.caller
 
     def _notify(self, task: ExpertTask, record: Record) -> None:
         self._last_progress = time.monotonic()
@@ -237,7 +312,7 @@ class ExecutorActor:
             run.put(record)
         self._load_changed()
 
-    def _admit(self, plan: ExecutionPlan, live: bool) -> RequestRun:
+    def _admit(self, plan: ExecutionPlan, session: Session | None) -> RequestRun:
         queued = self._load()[1]
         limit = self.config.executor.max_queue
         if queued + len(plan.tasks) > limit:
@@ -247,7 +322,9 @@ class ExecutorActor:
         if plan.request_id in self.requests:  # ids are server-unique: a caller bug
             raise QueueFullError(f"request {plan.request_id} is already running")
         self.counters["accepted_plans"] += 1
-        run = self.requests[plan.request_id] = RequestRun(plan, live)
+        run = self.requests[plan.request_id] = RequestRun(plan, session)
+        if session is not None:
+            session.runs[plan.request_id] = run
         self.slots.open_plan(plan.id, strategy_concurrency(plan.strategy, self.config.executor),
                              plan.strategy)
         self._unfinished += len(plan.tasks)
@@ -285,6 +362,8 @@ class ExecutorActor:
             run.put(Closed())
             self.slots.close_plan(run.plan.id)
             self.requests.pop(run.plan.request_id, None)
+            if run.session is not None:
+                run.session.runs.pop(run.plan.request_id, None)
         self._load_changed()
 
     # ------------------------------------------------------------------ load publishing

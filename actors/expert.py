@@ -1,12 +1,12 @@
 """ExpertActor: one replica of one expert = one async Ray actor running one engine.
 
-Two calls serve an attempt. The executor calls `run(task, key, stream)`, which
-generates the whole answer and returns a `Completion` (one ObjectRef the executor
-can put a deadline on and `ray.cancel`). When the caller wants the text as it is
-generated, `run` also writes it to the attempt's channel, and the caller reads that
-channel directly with `read(key, offset)` — a streaming generator whose batches are
-coalesced (see `orchestration/coalesce.py`): the tokens never pass through the
-executor.
+Two calls serve streamed attempts. The executor calls `run(task, key, caller)`, which
+generates the whole answer and returns a `Completion` (one ObjectRef the executor can
+put a deadline on and `ray.cancel`). When a caller wants the text as it is generated,
+`run` also writes it to the attempt's channel, and the caller process reads the text of
+all its attempts on this replica through one `session(caller)` — a streaming generator
+of coalesced batches (see `orchestration/coalesce.py`): the tokens never pass through
+the executor, and one batch serves every request of that caller.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ExpertActor:
         self.config = config
         self.replica = replica
         self.engine: Engine = make_engine(config)
-        self.channels = Channels(linger_s=stream.linger_s, orphan_s=stream.orphan_s)
+        self.channels = Channels(linger_s=stream.linger_s)
         self._started: asyncio.Task[None] | None = None
         self.pid = os.getpid()
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -99,10 +99,11 @@ class ExpertActor:
                 "pid": self.pid}
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
-    async def run(self, task: ExpertTask, key: str, stream: bool) -> Completion:
-        """Generate one attempt's whole answer; with `stream`, publish it as it comes."""
+    async def run(self, task: ExpertTask, key: str, caller: str | None) -> Completion:
+        """Generate one attempt's whole answer; for a `caller`, publish it as it comes."""
         await self._ensure_started()
-        channel = self.channels.open(key) if stream else None
+        channels = self.channels
+        channel = channels.open(key, caller) if caller is not None else None
         loop = asyncio.get_running_loop()
         began = loop.time()
         done = Completion(replica=self.replica)
@@ -115,10 +116,10 @@ class ExpertActor:
                     done.prompt_tokens = delta.prompt_tokens
                 choices.setdefault(delta.index, _Choice()).add(delta)
                 if channel is not None and delta.index == 0:  # choice 0 is the live one
-                    channel.put(delta.text, delta.tokens)
+                    channels.put(channel, delta.text, delta.tokens)
         finally:
-            if channel is not None:  # ended, whole or not: its readers drain and stop
-                self.channels.finish(key)
+            if channel is not None:  # ended, whole or not: its session sends the rest
+                channels.finish(channel)
         return self._completed(done, task, [choices.get(i, _Choice()) for i in range(len(choices) or 1)])
 
     def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:
@@ -142,10 +143,11 @@ class ExpertActor:
         return done
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
-    async def read(self, key: str, offset: int = 0,
-                   hold_s: float = 0.0) -> AsyncIterator[tuple[str, int]]:
-        """The attempt's text from character `offset`, in coalesced (text, tokens) batches."""
-        async for batch in self.channels.read(key, offset, hold_s):
+    async def session(self, caller: str,
+                      hold_s: float = 0.0) -> AsyncIterator[list[tuple[str, str, int]]]:
+        """The text of every streamed attempt of `caller` here, in coalesced batches of
+        (key, text, tokens), until the caller closes it."""
+        async for batch in self.channels.session(caller, hold_s):
             yield batch
 
     async def stats(self) -> dict[str, Any]:
@@ -170,6 +172,14 @@ class ExpertActor:
         """The engine's recent (request_id, prompt as rendered for the model) (vLLM)."""
         prompts = getattr(self.engine, "prompts", None)
         return prompts() if prompts is not None else []
+
+    async def vigil(self) -> None:
+        """Never returns: the supervisor learns of this process's death when it fails."""
+        await asyncio.Event().wait()
+
+    def set_stream(self, stream: StreamConfig) -> None:
+        """New text-channel settings (a redeploy): applied in place, no restart."""
+        self.channels.linger_s = stream.linger_s
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

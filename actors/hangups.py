@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,9 +39,9 @@ def hung_up(request: Request, why: BaseException) -> Response:
     if not getattr(request.state, "counted", False):  # once per request, whatever saw it
         request.state.counted = True
         metrics().requests.inc(tags={"route": route_of(request), "outcome": "disconnected"})
-        telemetry = getattr(request.state, "telemetry", None)
-        if telemetry is not None:
-            telemetry.record(time.monotonic() - request.state.started, None, "disconnected")
+        call, team = getattr(request.state, "call", None), getattr(request.state, "team", None)
+        if call is not None and team is not None:
+            team.ended(call, "disconnected")
         logger.info("request %s on %s: the caller went away (%s)",
                     getattr(request.state, "request_id", "-"), request.url.path,
                     type(why).__name__)

@@ -9,6 +9,7 @@ cluster cannot hold the team) or 1 (the deploy failed).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -17,6 +18,7 @@ import threading
 from orchestration.capacity import placement_problems
 from orchestration.config import load_config
 from orchestration.errors import ConfigError
+from orchestration.serve_env import serve_env
 
 # The first line of a Chorus error inside Serve's deploy-failure message.
 _CHORUS_ERROR = re.compile(
@@ -40,10 +42,14 @@ def serve_and_wait(config_path: str | None, *, name: str, host: str, port: int,
     except ConfigError as exc:
         print(f"chorus: {exc.message}", file=sys.stderr)
         return 2
+    if address is None:  # a Ray instance this command starts: Serve's high-throughput mode
+        for key, value in serve_env().items():
+            os.environ.setdefault(key, value)
     import ray
     from ray import serve
 
     from actors.placement import live_nodes
+    from actors.stopping import drain_apps
     from serve_app import build_app
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -74,9 +80,13 @@ def serve_and_wait(config_path: str | None, *, name: str, host: str, port: int,
              "the proxy of the Serve instance already running on this cluster (see `serve status`)")
     print(f"chorus: serving {', '.join(config.expert_names)} on {where}", flush=True)
     stop.wait()
-    serve.delete(name)  # removes the team's actors (ChorusIngress.__del__)
+    # First the drain: /readyz says 503 and new requests get 503 JSON while the streams
+    # in flight finish (at most server.drain_s); only then does the port close.
+    drain_apps([name], config.server.drain_s)
     if ours:
-        serve.shutdown()
+        serve.shutdown()  # closes the port and deletes the app, whose team goes with it
+    else:
+        serve.delete(name)  # a shared Serve: only this app (and its team) goes
     return 0
 
 

@@ -24,3 +24,14 @@ def missing_resources(expert: ExpertConfig) -> str:
             parts.append(f"{key}={need:g} (largest node has {largest:g}; cluster total "
                          f"{total.get(key, 0):g}, free {free.get(key, 0):g})")
     return ", ".join(parts) or "resources that stayed busy (see `ray status`)"
+
+
+def room_for(expert: ExpertConfig) -> bool:
+    """Could one more replica of `expert` be placed right now on one node's free resources?"""
+    from ray._private.state import available_resources_per_node
+
+    need = wanted_resources(expert)
+    if not need:
+        return True
+    return any(all(free.get(key, 0) >= amount for key, amount in need.items())
+               for free in available_resources_per_node().values())

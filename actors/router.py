@@ -11,6 +11,7 @@ embedded per request, concurrent prompts in one batch.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -43,16 +44,33 @@ class RouterActor:
         self.load_s = 0.0
         self.plans = 0
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        if config.router.method != "keywords":
-            started = time.perf_counter()
+        self.model: Embedder | None = None
+        self._load(config)
+
+    def _load(self, config: ChorusConfig) -> None:
+        """The embedding model (when the method needs one, and it changed) and the index
+        of every expert's routes."""
+        self.config = config
+        self.load_error = None
+        if config.router.method == "keywords":
+            self.model = self.encoder = self.routes = None
+            return
+        started = time.perf_counter()
+        if self.model is None or self.model.name != config.router.model:
             try:
-                model = Embedder(config.router.model)
+                self.model = Embedder(config.router.model)
             except RouterModelError as exc:  # kept, and raised by ready()/plan(): see ready()
                 self.load_error = exc
                 return
-            self.routes = RouteIndex.build(config, model.encode)
-            self.encoder = BatchingEncoder(model.encode)
-            self.load_s = time.perf_counter() - started
+            self.encoder = BatchingEncoder(self.model.encode)
+        self.routes = RouteIndex.build(config, self.model.encode)
+        self.load_s = time.perf_counter() - started
+
+    async def reconfigure(self, config: ChorusConfig) -> dict[str, Any]:
+        """A redeploy's team, in place: experts, routes, thresholds; the model is loaded
+        again only if it changed. Raises (as `ready` does) if the new model cannot load."""
+        await asyncio.to_thread(self._load, config)
+        return self.ready()
 
     def ready(self) -> dict[str, Any]:
         """Raise the model's load error as itself, so startup can name the model.
@@ -81,6 +99,10 @@ class RouterActor:
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     def set_load(self, active: int, queued: int) -> None:
         self.load = ExecutorLoad(active=active, queued=queued)
+
+    async def vigil(self) -> None:
+        """Never returns: the supervisor learns of this process's death when it fails."""
+        await asyncio.Event().wait()
 
     def ping(self) -> dict[str, Any]:
         return {"node_id": self.node_id(), "pid": os.getpid(), "load": self.load.model_dump()}

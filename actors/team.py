@@ -1,334 +1,284 @@
-"""Team: starts, attaches to, supervises and removes one Chorus team's actors.
+"""Team: a client of one running team, as the ingress (or a driver) holds it.
 
-It also runs requests on them (`stream`), from the caller's process: see
-`actors/caller.py` for the path of one request.
+Its jobs:
+
+1. attach: find (or create) the team's controller and apply this process's config;
+2. follow the team's view (executor, router, replicas), long-polled from the controller,
+   attaching again if the controller is gone;
+3. run requests on the team (`stream`), through this process's `Caller`;
+4. report this process's request telemetry, and detach from or remove the team.
+
+The team's actors belong to its controller (`actors/controller.py`), never to this
+process: an ingress replica that crashes, restarts or is replaced restarts nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from actors.boundary import cause_of, translate
-from actors.caller import LivePlan, settled_plan
-from actors.executor import ExecutorActor
-from actors.expert import ExpertActor
-from actors.placement import missing_resources
-from actors.router import RouterActor
-from actors.scaler import Scaler
-from actors.supervisor import Supervisor, ray_state
-from orchestration.config import ChorusConfig, ExpertConfig
-from orchestration.errors import (
-    ChorusError,
-    NoHealthyExpertError,
-    PlacementError,
-    RouterModelError,
-)
-from orchestration.models import (
-    ErrorEvent,
-    ExecutorLoad,
-    ExpertTask,
-    OrchestrateRequest,
-    PlanEvent,
-)
+from actors.boundary import translate
+from actors.caller import Caller, settled_plan
+from actors.controller import TeamController, TeamView
+from actors.gate import app_deleted
+from orchestration.call import PENDING, STREAMING, Call
+from orchestration.config import ChorusConfig
+from orchestration.errors import ChorusError
+from orchestration.models import ErrorEvent, ExecutionPlan, ExecutorLoad, ExpertTask, PlanEvent
 from orchestration.pipeline import finish_stream
-from orchestration.replicas import replica_label
 from orchestration.routing import plan_request, plannable_by_caller
+
+log = logging.getLogger("ray.serve")
+REPORT_S = 0.5  # how often this process reports its ended requests to the controller
+
+
+def controller_name(name: str) -> str:
+    return f"{name}.controller"
 
 
 class Team:
-    """Handles to one running team: expert replicas, executor and router, in a namespace."""
+    """Handles to one running team, kept current, and the request path onto it."""
 
-    def __init__(self, config: ChorusConfig, name: str = "chorus") -> None:
-        self.config = config
+    def __init__(self, local: ChorusConfig, name: str, controller: ActorHandle,
+                 view: TeamView, app: str | None, deployed_at: float) -> None:
+        self.local = local  # this process's config: guard, fusion, stream, server
         self.name = name
-        self.namespace = config.server.namespace
-        self.replicas: dict[str, dict[str, ActorHandle]] = {}  # expert -> label -> handle
-        self.names: dict[str, str] = {}  # label ("general#0", "router") -> actor name
-        self.draining: set[str] = set()  # replicas being scaled down
-        self.pending: dict[str, float] = {}  # scale-ups not ready yet: label -> created at
-        self.executor: ActorHandle | None = None
-        self.router: ActorHandle | None = None
-        self.supervisor: Supervisor | None = None
-        self.scaler: Scaler | None = None
-        # The executor's load as its latest admission reported it, and when (monotonic).
-        self.load_seen: tuple[ExecutorLoad, float] | None = None
+        self.app = app
+        self.deployed_at = deployed_at
+        self.controller = controller
+        self.view = view
+        self.caller = Caller(f"{name}/{uuid.uuid4().hex[:8]}", local.stream, self._resolve)
+        self.load_seen: tuple[ExecutorLoad, float] | None = None  # at the latest admission
+        self.in_flight = 0  # this process's requests not answered to the end (the ingress)
+        self._ended: list[tuple[float, float, float | None, str]] = []
+        self._loops = [asyncio.ensure_future(self._follow()),
+                       asyncio.ensure_future(self._report_every())]
+
+    @classmethod
+    async def start(cls, config: ChorusConfig, name: str = "chorus", *, app: str | None = None,
+                    deployed_at: float = 0.0) -> Team:
+        """Attach to the team (creating its controller and actors if none runs) and make
+        it run `config`. A Serve app's team (`app`) is detached: it lives until the app
+        is deleted. Raises what keeps the team from starting (PlacementError, ...)."""
+        controller, view = await _attach(config, name, app, deployed_at)
+        return cls(config, name, controller, view, app, deployed_at)
+
+    # ------------------------------------------------------------------ the view
+
+    @property
+    def config(self) -> ChorusConfig:
+        """The config the team runs (experts, router, executor): the newest deploy's."""
+        return self.view.config
+
+    @property
+    def executor(self) -> ActorHandle:
+        return self.view.executor
+
+    @property
+    def router(self) -> ActorHandle:
+        return self.view.router
+
+    @property
+    def replicas(self) -> dict[str, dict[str, ActorHandle]]:
+        return self.view.replicas
 
     @property
     def experts(self) -> dict[str, ActorHandle]:
         """The first replica of each expert (for drills and tests)."""
         return {name: next(iter(group.values())) for name, group in self.replicas.items()}
 
-    def actor_name(self, role: str) -> str:
-        return f"{self.name}.{role}"
+    @property
+    def draining(self) -> bool:
+        return self.view.draining
 
-    def replica(self, label: str) -> ActorHandle:
-        expert = label.rsplit("#", 1)[0]
-        return self.replicas[expert][label]
+    def _resolve(self, name: str) -> ActorHandle | None:
+        return self.view.handles.get(name)
 
-    # ------------------------------------------------------------------ actors
+    def _set_view(self, view: TeamView) -> None:
+        self.view = view
+        self.caller.keep_replicas(set(view.handles))
 
-    def _common(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "get_if_exists": True}
-
-    def create_replica(self, expert: ExpertConfig, label: str,
-                       incarnation: str = "") -> ActorHandle:
-        """One replica's actor; a re-created one gets a fresh name (`incarnation`)."""
-        self.names[label] = self.actor_name(f"expert.{label}{incarnation}")
-        options: dict[str, Any] = {
-            "name": self.names[label],
-            # Ray restarts a crashed expert; our executor retries its tasks (so no Ray retries).
-            "max_restarts": expert.max_restarts,
-            "max_task_retries": 0,
-            # Room above the engine's bound for streamed reads and stats()/ready() calls.
-            "max_concurrency": 2 * expert.max_concurrency + 8,
-            **self._common(),
-            **expert.actor_options(),
-        }
-        if expert.env:
-            options["runtime_env"] = {"env_vars": dict(expert.env)}
-        handle = ExpertActor.options(**options).remote(expert, label, self.config.stream)
-        self.replicas.setdefault(expert.name, {})[label] = handle
-        return handle
-
-    def remove_replica(self, expert: str, label: str) -> None:
-        """Kill a replica that drained or was given up, and forget it everywhere."""
-        handle = self.replicas.get(expert, {}).pop(label, None)
-        if handle is not None:
-            ray.kill(handle, no_restart=True)
-        self.names.pop(label, None)
-        self.draining.discard(label)
-        self.pending.pop(label, None)
-        if self.supervisor is not None:
-            self.supervisor.forget(label)
-
-    def members(self, expert: str) -> dict[str, tuple[ActorHandle, str]]:
-        """The replicas the executor dispatches to, and their state: "ready", "down"
-        (restarting or re-created, not answering yet) or "draining". A scale-up joins
-        only once it answered `ready`."""
-        lives = self.supervisor.lives if self.supervisor is not None else {}
-        members = {}
-        for label, handle in self.replicas.get(expert, {}).items():
-            if label in self.pending:
-                continue
-            life = lives.get(label)
-            state = ("draining" if label in self.draining else
-                     "ready" if life is None or life.state.value == "ready" else "down")
-            members[label] = (handle, state)
-        return members
-
-    def publish(self, expert: str) -> None:
-        """Tell the executor the expert's current members."""
-        if self.executor is not None:
-            self.executor.set_replicas.remote(expert, self.members(expert))
-
-    def create_router(self, incarnation: str = "") -> ActorHandle:
-        self.names["router"] = self.actor_name(f"router{incarnation}")
-        self.router = RouterActor.options(
-            name=self.names["router"], max_restarts=3,
-            max_concurrency=self.config.executor.max_concurrent_plans,
-            **self.config.router.resources.ray_options(), **self._common(),
-        ).remote(self.config)
-        return self.router
-
-    def create_executor(self, incarnation: str = "") -> ActorHandle:
-        self.names["executor"] = self.actor_name(f"executor{incarnation}")
-        replicas = {expert: {label: self.names[label] for label in group}
-                    for expert, group in self.replicas.items()}
-        self.executor = ExecutorActor.options(
-            name=self.names["executor"], max_restarts=3,
-            max_concurrency=self.config.executor.max_concurrent_plans,
-            **self.config.executor.resources.ray_options(), **self._common(),
-        ).remote(self.config, replicas, self.names.get("router"))
-        return self.executor
-
-    @classmethod
-    async def start(cls, config: ChorusConfig, name: str = "chorus",
-                    supervise: bool = True) -> Team:
-        """Create (or attach to) the team's actors and wait until every one is ready."""
-        team = cls(config, name)
-        for expert in config.experts:
-            for index in range(expert.replicas.initial):  # the validator sets it (default: min)
-                team.create_replica(expert, replica_label(expert.name, index))
-        # A crashed control actor comes back for the next requests (its in-flight streams
-        # end with an `error` event); its state is per-request, so nothing else is lost.
-        team.create_router()
-        team.create_executor()
-        try:
-            await team.wait_ready(config.server.startup_timeout_s)
-        except BaseException:
-            team.shutdown()
-            raise
-        if supervise:
-            team.supervisor = Supervisor(team)
-            team.supervisor.start()
-            if any(e.replicas.max > e.replicas.min for e in config.experts):
-                team.scaler = Scaler(team)
-                team.scaler.start()
-        return team
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        """Fail fast, naming each expert and the resource, when the team cannot be placed."""
-        assert self.executor is not None and self.router is not None
-        pending = {label: handle.ready.remote()
-                   for group in self.replicas.values() for label, handle in group.items()}
-        pending["executor"] = self.executor.probe.remote()
-        pending["router"] = self.router.ready.remote()
-        refs = list(pending.values())
-        ready, _ = await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
-        late = [label for label, ref in pending.items() if ref not in ready]
-        if late:
-            experts = {label.rsplit("#", 1)[0] for label in late if "#" in label}
-            details = [f"expert {name!r} needs {missing_resources(self.config.expert(name))}"
-                       for name in sorted(experts)]
-            details += [f"{label} actor did not start" for label in late if "#" not in label]
-            first = sorted(experts)[0] if experts else None
-            raise PlacementError(
-                f"cannot place the team within {timeout_s:g}s: " + "; ".join(details),
-                field=f"experts.{first}" if first else None)
-        for label, ref in pending.items():  # placed, but did its engine start?
+    async def _follow(self) -> None:
+        """Keep the view current; if the controller is gone, attach to the next one."""
+        while True:
             try:
-                await ref
-            except Exception as exc:  # an engine or the router's model failed to load
-                if isinstance(error := translate(exc, actor=label), RouterModelError):
-                    raise error from None  # it names the router's model
-                name = label.rsplit("#", 1)[0]
-                raise NoHealthyExpertError(f"{name} failed to start: {cause_of(exc)}",
-                                           field=f"experts.{name}") from None
+                view = await self.controller.watch.remote(self.view.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the controller died or was removed
+                if self.app is not None and await app_deleted(self.app):
+                    return  # removed with its app: nothing to attach to
+                log.warning("team %s: its controller is gone (%s); attaching again",
+                            self.name, translate(exc, actor="controller").message)
+                try:
+                    self.controller, view = await _attach(self.local, self.name, self.app,
+                                                          self.deployed_at)
+                except Exception as again:  # noqa: BLE001 - next round tries again
+                    log.error("team %s: attaching failed: %s", self.name, again)
+                    await asyncio.sleep(1.0)
+                    continue
+            self._set_view(view)
+
+    async def refresh(self) -> None:
+        """The newest view now (after a change this process asked for)."""
+        self._set_view(await self.controller.watch.remote(-1, 0))
 
     # ------------------------------------------------------------------ requests
 
-    async def stream(self, request: OrchestrateRequest, live: bool = True) -> AsyncIterator[Any]:
+    async def stream(self, request: Any, live: bool = True,
+                     call: Call | None = None) -> AsyncIterator[Any]:
         """One request end to end: plan, dispatch, guard, fusion; ends in done or error.
 
         Errors before the plan is admitted (bad input, full queue, actors down) are
         raised, so a server can still answer 4xx/429/503; after it, they become the
         terminal `error` event. `live=False` returns no text before the end (cheaper).
         """
-        assert self.router is not None and self.executor is not None
-        started = time.monotonic()
+        call = call or Call(request)
+        view = self.view
         seen = self.load_seen
         age = time.monotonic() - seen[1] if seen is not None else None
         try:
-            if plannable_by_caller(request, self.config, age):
-                plan = plan_request(request, self.config, seen[0] if seen else None)
+            if plannable_by_caller(request, view.config, age):
+                call.plan = plan_request(request, view.config, seen[0] if seen else None)
             else:
-                plan = await self.router.plan.remote(request)
+                call.plan = await view.router.plan.remote(request)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
-        source: LivePlan | None = None
         if live:
-            source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
-            if source.admitted is not None:
-                self.load_seen = (source.admitted, time.monotonic())
-            events: AsyncIterator[Any] = source.events()
+            self.load_seen = (await self.caller.submit(call, view.executor), time.monotonic())
+            events: AsyncIterator[Any] = self.caller.events(call)
         else:
-            load, settled = await settled_plan(plan, self.executor)
+            load, settled = await settled_plan(call.plan, view.executor)
             self.load_seen = (load, time.monotonic())
             events = _replay(settled)
-        first = PlanEvent(request_id=plan.request_id, plan=plan)
+        first = PlanEvent(request_id=call.plan.request_id, plan=call.plan)
         synthesize = self._synthesize if live else self._synthesize_settled
-        finished = False
         try:
-            async for event in finish_stream(first, events, self.config, synthesize, started):
-                finished = event.type in ("done", "error")
+            async for event in finish_stream(call, first, events, self.local, synthesize):
+                if event.type in ("done", "error"):
+                    call.ended(event)
                 yield event
         except ChorusError as exc:  # the executor or a replica failed mid-request
-            if not finished:
-                yield ErrorEvent(request_id=plan.request_id, code=exc.code,
-                                 message=exc.message, status=exc.status)
+            if call.outcome in (PENDING, STREAMING):  # no terminal event left yet
+                error = ErrorEvent(request_id=call.request_id, code=exc.code,
+                                   message=exc.message, status=exc.status)
+                call.ended(error)
+                yield error
         finally:
             await events.aclose()
-            if source is not None:
-                await source.close()  # the caller went away: every task is cancelled
+            if live:
+                self.caller.close(call)  # the caller went away: every task is cancelled
 
     async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
-        assert self.executor is not None
-        plan = _one_task_plan(task)
-        source = await LivePlan.open(plan, self.executor, self.replica, self.config.stream)
-        events = source.events()
+        call = Call(None, plan=_one_task_plan(task))
+        await self.caller.submit(call, self.view.executor)
+        events = self.caller.events(call)
         try:
             async for event in events:
                 yield event
         finally:
             await events.aclose()
-            await source.close()
+            self.caller.close(call)
 
     async def _synthesize_settled(self, task: ExpertTask) -> AsyncIterator[Any]:
-        assert self.executor is not None
-        _, events = await settled_plan(_one_task_plan(task), self.executor)
+        _, events = await settled_plan(_one_task_plan(task), self.view.executor)
         for event in events:
             yield event
 
-    # ------------------------------------------------------------------ health and stats
+    # ------------------------------------------------------------------ answers
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Can a default request be served right now? (`/readyz`)"""
-        assert self.supervisor is not None
-        return await self.supervisor.readiness()
+        return await self.controller.readiness.remote()
 
-    async def stats(self, timeout_s: float | None = 5.0) -> dict[str, Any]:
-        """Executor, router and per-replica stats; a replica that does not answer says why."""
-        assert self.executor is not None and self.router is not None
-        # A snapshot: replicas may come and go (scaling) while the answers arrive.
-        handles = [(expert, label, handle) for expert, group in self.replicas.items()
-                   for label, handle in group.items()]
-        labels = [(expert, label) for expert, label, _ in handles]
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(handle.stats.remote(), timeout_s) for _, _, handle in handles),
-            asyncio.wait_for(self.executor.stats.remote(), timeout_s),
-            asyncio.wait_for(self.router.stats.remote(), timeout_s),
-            return_exceptions=True)
-        lives = self.supervisor.states() if self.supervisor else {}
-        if self.supervisor:  # it keeps Ray's restart count: no lookup per replica here
-            restarts = [lives.get(label, {}).get("ray_restarts", 0) for _, label in labels]
-        else:
-            restarts = await asyncio.to_thread(
-                lambda: [ray_state(handle)[1] for _, _, handle in handles])
-        executor = _describe(answers[-2], timeout_s)
-        views = executor.get("replicas", {})  # the executor's view: health, load
-        experts: dict[str, Any] = {}
-        for (expert, label), answer, ray_restarts in zip(labels, answers, restarts, strict=False):
-            replica = {**_describe(answer, timeout_s), "ray_restarts": ray_restarts,
-                       "dispatch": views.get(expert, {}).get(label),
-                       "supervision": lives.get(label)}
-            experts.setdefault(expert, {"replicas": {}})["replicas"][label] = replica
-        for expert, entry in experts.items():
-            first_label, first = next(iter(entry["replicas"].items()))
-            entry.update({k: v for k, v in first.items()
-                          if k not in ("supervision", "dispatch")})
-            entry["state"] = (lives.get(first_label) or {}).get("status")
-            if self.scaler is not None:
-                entry["scaling"] = self.scaler.describe(expert)
-        return {"router": {**_describe(answers[-1], timeout_s), "supervision": lives.get("router")},
-                "executor": {**executor, "supervision": lives.get("executor")},
-                "experts": experts}
+    async def stats(self) -> dict[str, Any]:
+        """The team's figures, counted once (this process's telemetry reported first)."""
+        await self._report()
+        return await self.controller.stats.remote()
+
+    def ended(self, call: Call, outcome: str) -> None:
+        """A request of this process ended: counted at the controller (`/v1/stats`)."""
+        self._ended.append((time.time(), call.elapsed_s(), call.ttft_s, outcome))
+
+    async def _report(self) -> None:
+        ended, self._ended = self._ended, []
+        where = {"caller": self.caller.id, "pid": os.getpid(), "in_flight": self.in_flight,
+                 "node_id": ray.get_runtime_context().get_node_id()}
+        try:
+            await self.controller.report.remote(self.caller.id, ended, where)
+        except Exception:  # noqa: BLE001 - the controller is being replaced: keep them
+            self._ended = ended + self._ended
+
+    async def _report_every(self) -> None:
+        """Also a heartbeat: the controller lists the ingress replicas that report."""
+        while True:
+            await asyncio.sleep(REPORT_S)
+            await self._report()
+
+    # ------------------------------------------------------------------ the end
+
+    async def drain(self) -> None:
+        """Every client of the team refuses new work; their streams finish."""
+        await self.controller.drain.remote()
+
+    def detach(self) -> None:
+        """This process stops using the team (an ingress replica going away)."""
+        for loop in self._loops:
+            loop.cancel()
+        self.caller.shutdown()
+
+    async def remove(self) -> None:
+        """Remove the whole team: every actor, then its controller."""
+        self.detach()
+        with contextlib.suppress(Exception):
+            await self.controller.shutdown.remote()
+        ray.kill(self.controller, no_restart=True)
 
     def shutdown(self) -> None:
-        """Stop supervising and kill every actor of the team (no restarts)."""
-        if self.scaler is not None:
-            self.scaler.stop()
-            self.scaler = None
-        if self.supervisor is not None:
-            self.supervisor.stop()
-            self.supervisor = None
-        handles = [self.router, self.executor,
-                   *(h for group in self.replicas.values() for h in group.values())]
-        for handle in handles:
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
-        self.replicas.clear()
-        self.executor = self.router = None
+        """`remove` without waiting: killing the controller takes its actors with it."""
+        self.detach()
+        ray.kill(self.controller, no_restart=True)
 
 
-def _one_task_plan(task: ExpertTask) -> Any:
-    from orchestration.models import ExecutionPlan
+async def _attach(config: ChorusConfig, name: str, app: str | None,
+                  deployed_at: float) -> tuple[ActorHandle, TeamView]:
+    """The team's controller (found, or created) once it runs `config`. A controller
+    that is going away (its app was just deleted) is waited out and replaced."""
+    options: dict[str, Any] = {
+        "name": controller_name(name), "namespace": config.server.namespace,
+        "get_if_exists": True, "max_restarts": 0, "max_concurrency": 1000,
+        **config.executor.resources.ray_options(),
+    }
+    if app is not None:
+        options["lifetime"] = "detached"
+    retrying = AsyncRetrying(retry=retry_if_exception_type(ray.exceptions.RayActorError),
+                             wait=wait_exponential(multiplier=0.2, max=2),
+                             stop=stop_after_delay(30), reraise=True)
+    async for attempt in retrying:
+        with attempt:
+            controller = TeamController.options(**options).remote(name, app)
+            try:
+                view = await controller.apply.remote(config, deployed_at)
+            except ray.exceptions.RayTaskError as exc:
+                error = translate(exc, actor="controller")
+                with contextlib.suppress(Exception):
+                    if not (await controller.ping.remote())["running"]:
+                        ray.kill(controller, no_restart=True)  # no team: nothing kept
+                raise error from None
+    return controller, view
 
+
+def _one_task_plan(task: ExpertTask) -> ExecutionPlan:
     return ExecutionPlan(request_id=f"{task.request_id or task.id}.{task.role}",
                          strategy="SERIAL", primary=task.model_copy(update={"stream": True}))
 
@@ -336,11 +286,3 @@ def _one_task_plan(task: ExpertTask) -> Any:
 async def _replay(events: list[Any]) -> AsyncIterator[Any]:
     for event in events:
         yield event
-
-
-def _describe(answer: Any, timeout_s: float | None) -> dict[str, Any]:
-    if isinstance(answer, dict):
-        return answer
-    if isinstance(answer, TimeoutError):
-        return {"error": f"no answer within {timeout_s:g}s (restarting or busy)"}
-    return {"error": translate(answer, actor="actor").message}

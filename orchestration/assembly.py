@@ -1,22 +1,22 @@
 """The caller's side of one plan: executor records and streamed text in, events out.
 
 Text and control travel on two paths (docs/token-path.md): the executor's records
-say which attempt of which task runs where and how each task ended; the expert's
-channel carries the text of a streamed attempt. `Assembly` merges them into the
+say which attempt of which task runs where and how each task ended; the replica's
+session carries the text of every streamed attempt, keyed by attempt. The two paths
+race: an attempt's first text may come before the record that dispatched it, and its
+last text after the record that ended its task. `Assembly` merges them into the
 caller's event sequence, and tells its driver (the Ray layer, `actors/caller.py`)
-which channel to read from. A reader of an attempt that no longer counts is not
-stopped: its channel closed when the attempt ended, and its text is ignored here.
-No I/O, no Ray.
+which replicas to open a session with. No I/O, no Ray.
 
 Rules, per streamed task (the primary, a synthesis, or any task with `stream_experts`):
-- text counts only from the task's *current* attempt; a lagging reader of an earlier
-  attempt is ignored;
-- a retry on the same expert replays the same text (same seed), so its reader starts
-  after what the caller already has; a fallback expert's answer differs, so it
-  restarts from the beginning, and its deltas carry the new `attempt`;
-- when the task's result arrives, whatever part of its text the reader had not yet
-  delivered is sent from the result, then the result itself: nothing is lost or
-  sent twice, whichever path was faster.
+- text counts only from the task's *current* attempt; text of an earlier attempt is
+  ignored, and text of a later one waits for its `Dispatched` record;
+- a retry on the same expert replays the same text (same seed), so the first
+  characters the caller already has are skipped; a fallback expert's answer differs,
+  so it restarts from the beginning, and its deltas carry the new `attempt`;
+- when the task's result arrives, whatever part of its text had not been delivered is
+  sent from the result, then the result itself: nothing is lost or sent twice,
+  whichever path was faster.
 """
 
 from __future__ import annotations
@@ -34,25 +34,24 @@ from orchestration.models import (
     TaskEvent,
     TaskResult,
 )
-from orchestration.wire import Admitted, Closed, Dispatched, Finished, Record, Retrying
-
-
-@dataclass(frozen=True)
-class ReadOrder:
-    """Start reading attempt `key` of a task from `replica`, from character `offset`."""
-
-    task_id: str
-    replica: str
-    key: str
-    offset: int
+from orchestration.wire import (
+    Admitted,
+    Closed,
+    Dispatched,
+    Finished,
+    Record,
+    Retrying,
+    attempt_of,
+    task_of,
+)
 
 
 @dataclass
 class Step:
-    """What the driver does after feeding records: emit events, start readers."""
+    """What the driver does after feeding records: emit events, open replica sessions."""
 
     events: list[Any] = field(default_factory=list)
-    read: list[ReadOrder] = field(default_factory=list)
+    read: list[str] = field(default_factory=list)  # actor names of replicas to read from
     done: bool = False
 
 
@@ -65,6 +64,8 @@ class _Stream:
     attempt: int = 0
     key: str | None = None  # the attempt whose text counts
     emitted: int = 0  # characters of the current expert's answer already sent
+    skip: int = 0  # characters of the current attempt's text the caller already has
+    early: dict[str, list[str]] = field(default_factory=dict)  # text of later attempts
 
 
 class Assembly:
@@ -97,12 +98,15 @@ class Assembly:
                 raise TypeError(f"unexpected record {record!r}")
         return step
 
-    def on_text(self, task_id: str, key: str, text: str) -> list[Any]:
-        stream = self.streams.get(task_id)
-        if stream is None or key != stream.key or not text:
-            return []  # an earlier attempt's reader, or the task already ended
-        stream.emitted += len(text)
-        return [self._delta(stream, text)]
+    def on_text(self, key: str, text: str) -> list[Any]:
+        stream = self.streams.get(task_of(key))
+        if stream is None or not text:
+            return []  # not streamed here, or the task already ended
+        if key != stream.key:
+            if attempt_of(key) > stream.attempt:  # its `Dispatched` is still on its way
+                stream.early.setdefault(key, []).append(text)
+            return []  # an earlier attempt's text (its task moved on)
+        return self._accept(stream, text)
 
     def done(self) -> DoneEvent:
         primary = self.results.get(self.plan.primary.id)
@@ -121,14 +125,29 @@ class Assembly:
             return
         if record.expert != stream.expert:  # first attempt, or a fallback: restart
             stream.expert, stream.emitted = record.expert, 0
-        stream.attempt, stream.key = record.attempt, record.key
-        step.read.append(ReadOrder(task.id, record.replica, record.key, stream.emitted))
+        stream.attempt, stream.key, stream.skip = record.attempt, record.key, stream.emitted
+        step.read.append(record.actor)
+        for key in [k for k in stream.early if attempt_of(k) <= record.attempt]:
+            pieces = stream.early.pop(key)
+            if key == record.key:
+                for text in pieces:
+                    step.events += self._accept(stream, text)
+
+    def _accept(self, stream: _Stream, text: str) -> list[Any]:
+        """Text of the current attempt: what the caller already has is skipped."""
+        if stream.skip:
+            cut = min(stream.skip, len(text))
+            text, stream.skip = text[cut:], stream.skip - cut
+            if not text:
+                return []
+        stream.emitted += len(text)
+        return [self._delta(stream, text)]
 
     def _finished(self, result: TaskResult, step: Step) -> None:
         self.results[result.task_id] = result
         stream = self.streams.get(result.task_id)
         if stream is not None:
-            stream.key = None
+            stream.key, stream.early = None, {}
             if result.ok and result.result is not None:
                 if stream.expert != (result.served_by or [result.expert])[-1]:
                     stream.expert, stream.emitted = result.served_by[-1], 0

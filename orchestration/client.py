@@ -70,7 +70,7 @@ class _LocalBackend:
 
     async def close(self) -> None:
         if self.team is not None:
-            self.team.shutdown()
+            await self.team.remove()
             self.team = None
 
 

@@ -52,6 +52,8 @@ class MockOptions(_Section):
 
     ttft_s: NonNegFloat = 0.02
     token_latency_s: NonNegFloat = 0.005
+    # Seconds the engine spends starting, at every start and restart (a model's load).
+    startup_s: NonNegFloat = 0.0
     tokens: PositiveInt = 24
     seed: int = 0
     fail_every: NonNegInt = 0
@@ -230,16 +232,18 @@ class StreamConfig(_Section):
     # Ray generator backpressure: batches in flight before the producer waits (and
     # merges what piles up meanwhile).
     backpressure_objects: PositiveInt = 1
-    # How long an attempt's text stays readable after it ended, and how long a reader
-    # waits for an attempt that never started (it was cancelled before dispatch).
+    # How long an attempt's text waits, after it ended, for its caller to open a session
+    # with the replica (the caller opens one when the attempt's `Dispatched` arrives).
     linger_s: PositiveFloat = 10.0
-    orphan_s: PositiveFloat = 60.0
 
 
 class SupervisionConfig(_Section):
     """Chorus re-creates an actor that Ray will no longer restart (see docs/operations.md)."""
 
     check_interval_s: PositiveFloat = 1.0
+    # How often Ray's actor table is read for each ready actor (a crash shows there at
+    # once): what bounds how late dispatch and /readyz learn of a dead process.
+    watch_interval_s: PositiveFloat = 0.1
     # An answer to the health check later than this counts as not ready.
     ping_timeout_s: PositiveFloat = 5.0
     # /readyz waits this long for the router and the executor to answer.
@@ -273,8 +277,41 @@ class GuardConfig(_Section):
     replacement: str = "[REDACTED]"
 
 
+class IngressAutoscaling(_Section):
+    """Serve's `autoscaling_config` for the ingress: replicas follow ongoing requests."""
+
+    min_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 4
+    # Ongoing HTTP requests (streams) per ingress replica that Serve aims for.
+    target_ongoing_requests: PositiveFloat = 64.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IngressAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"need min_replicas <= max_replicas (got {self.min_replicas}, "
+                             f"{self.max_replicas})")
+        return self
+
+
+class IngressConfig(_Section):
+    """The HTTP ingress deployment (stateless: the team has its own controller)."""
+
+    replicas: PositiveInt = 1
+    autoscaling: IngressAutoscaling | None = None  # set: `replicas` is not used
+
+    def serve_options(self) -> dict[str, Any]:
+        if self.autoscaling is None:
+            return {"num_replicas": self.replicas}
+        return {"autoscaling_config": self.autoscaling.model_dump()}
+
+
 class ServerConfig(_Section):
     api_key: str | None = None
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    # A stopping ingress replica (SIGTERM, scale-down, redeploy) serves its streams to
+    # the end for up to this long; an expert replica being drained (rolled, removed)
+    # finishes its attempts for up to this long before it is removed.
+    drain_s: PositiveFloat = 30.0
     max_prompt_chars: PositiveInt = 32_000
     max_tokens_limit: PositiveInt = 4096
     # Request bodies: larger is refused with 413, deeper JSON nesting with 400.

@@ -19,6 +19,7 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     ├── NoHealthyExpertError (503) . no expert could serve the request
     ├── RouterModelError (503) ..... router_model_unavailable: the embedding model failed
     ├── ServiceUnavailableError (503) unavailable: router/executor down or restarting
+    │   └── ShuttingDownError (503) shutting_down: the server is draining (being stopped)
     ├── PlacementError (503) ....... placement_failed: the cluster cannot hold the team
     ├── InternalError (500) ........ internal_error: a bug; the message says where
     ├── TaskCancelledError (499) ... cancelled: the request (or the call) was cancelled
@@ -101,6 +102,12 @@ class ServiceUnavailableError(ChorusError):
 
     code = "unavailable"
     status = 503
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    """This server is draining (being stopped): its streams finish, new work goes elsewhere."""
+
+    code = "shutting_down"
 
 
 class InternalError(ChorusError):

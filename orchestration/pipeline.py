@@ -7,10 +7,10 @@ sequence: plan, primary deltas, expert results, fusion, then exactly one done or
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from orchestration.call import Call
 from orchestration.config import ChorusConfig, GuardConfig
 from orchestration.errors import BadRequestError, UnsupportedParameterError
 from orchestration.fusion import (
@@ -69,17 +69,16 @@ def _guard(config_json: str) -> ResponseGuard:
 
 
 class _Finisher:
-    """Per-request state: the guard's stream windows and the timings."""
+    """Per-request guard and fusion state (the request's clock is its `Call`'s)."""
 
-    def __init__(self, first: PlanEvent, config: ChorusConfig, synthesize: Synthesize | None,
-                 started: float | None) -> None:
+    def __init__(self, call: Call, first: PlanEvent, config: ChorusConfig,
+                 synthesize: Synthesize | None) -> None:
+        self.call = call
         self.plan = first.plan
         self.request_id = first.request_id
         self.config = config
         self.synthesize = synthesize
         self.guard = _guard(config.guard.model_dump_json())
-        self.started = time.monotonic() if started is None else started
-        self.first_delta_at: float | None = None  # only a live stream has one
 
     def clean(self, result: TaskResult) -> TaskResult:
         """The result with every text the caller will see guarded: the answer, the other
@@ -140,32 +139,33 @@ class _Finisher:
             return
         yield FusionEvent(request_id=self.request_id, strategy=strategy,
                           content=outcome.content, failed=outcome.failed)
-        timings = {"total_s": time.monotonic() - self.started}
-        if self.first_delta_at is not None:
-            timings["ttft_s"] = self.first_delta_at - self.started
+        timings = {"total_s": self.call.elapsed_s()}
+        if self.call.ttft_s is not None:  # only a live stream has one
+            timings["ttft_s"] = self.call.ttft_s
         yield DoneEvent(request_id=self.request_id, primary=primary, experts=experts,
                         content=outcome.content, timings=timings)
 
 
 async def finish_stream(
+    call: Call,
     first: PlanEvent,
     events: AsyncIterator[Any],
     config: ChorusConfig,
     synthesize: Synthesize | None = None,
-    started: float | None = None,
 ) -> AsyncIterator[Any]:
     """Guard every text that leaves, fuse at the end, and close with done or error.
 
-    `started` (time.monotonic) is when the request arrived: `done.timings.total_s`
-    counts from it, also when `events` replays a plan that had already ended."""
-    state = _Finisher(first, config, synthesize, started)
+    `call` is the request's state: `done.timings` count from its arrival, and the
+    first primary text that leaves marks its TTFT (once), also when `events` replays a
+    plan that had already ended (then there is no TTFT)."""
+    state = _Finisher(call, first, config, synthesize)
     live = state.guard.stream()
     specialists: dict[str, Any] = {}  # task id -> guard window of a streamed specialist
     yield first
     async for event in events:
         if isinstance(event, PrimaryDelta):
-            state.first_delta_at = state.first_delta_at or time.monotonic()
             if safe := live.feed(event.delta):
+                call.first_token()
                 yield event if safe == event.delta else event.model_copy(update={"delta": safe})
         elif isinstance(event, ExpertDelta):
             window = specialists.setdefault(event.task_id, state.guard.stream())
@@ -180,6 +180,7 @@ async def finish_stream(
             yield event if clean is event.result else event.model_copy(update={"result": clean})
         elif isinstance(event, DoneEvent):
             if tail := live.flush():
+                call.first_token()
                 yield PrimaryDelta(request_id=state.request_id, expert=first.plan.primary.expert,
                                    delta=tail)
             async for final in state.finish(event):

@@ -34,6 +34,7 @@ class Replica:
     label: str  # "general#1"
     handle: Any
     capacity: int  # the expert's max_concurrency: per replica
+    name: str = ""  # the actor's name (callers find its handle by it)
     in_flight: int = 0
     idle_since: float = 0.0
     served: int = 0
@@ -73,17 +74,18 @@ class ReplicaPool:
         room = [r for r in self.dispatchable(now) if r.in_flight < r.capacity]
         return min(room, key=lambda r: (r.in_flight, r.idle_since), default=None)
 
-    def update(self, members: dict[str, tuple[Any, str]], now: float) -> None:
-        """The supervisor's view: label -> (handle, "ready" | "draining"). Keeps counters."""
+    def update(self, members: dict[str, tuple[Any, str, str]], now: float) -> None:
+        """The supervisor's view: label -> (handle, "ready" | "down" | "draining", actor
+        name). Keeps counters."""
         for label in [label for label in self.replicas if label not in members]:
             del self.replicas[label]
-        for label, (handle, state) in members.items():
+        for label, (handle, state, name) in members.items():
             replica = self.replicas.get(label)
             if replica is None:
                 replica = self.replicas[label] = Replica(label, handle, self.capacity_each,
-                                                         idle_since=now)
-            elif replica.handle is not handle:
-                replica.handle = handle  # re-created: a fresh process, a fresh start
+                                                         name, idle_since=now)
+            elif replica.name != name:
+                replica.handle, replica.name = handle, name  # re-created: a fresh process
                 replica.suspect, replica.failures, replica.cooling_until = False, 0, 0.0
             replica.draining = state == "draining"
             if state == "ready":

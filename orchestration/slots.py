@@ -114,6 +114,11 @@ class SlotScheduler:
             self.per_plan.pop(plan_id, None)
         self._pump()
 
+    def set_max_in_flight(self, limit: int) -> None:
+        """A new global bound (a redeploy); grants at once if it grew."""
+        self.max_in_flight = limit
+        self._pump()
+
     def set_limit(self, expert: str, limit: int) -> None:
         """Change an expert's bound (e.g. replicas became ready); grants at once if it grew."""
         self.expert_limits[expert] = limit

@@ -34,14 +34,15 @@ from orchestration.errors import (
 )
 from orchestration.models import ExpertTask, TaskResult, TaskStatus
 from orchestration.scheduling import build_retrying
-from orchestration.wire import Completion, Dispatched, Record, Retrying
+from orchestration.wire import Completion, Dispatched, Record, Retrying, attempt_key
 
 
 class Lease(Protocol):
     """A granted slot on one replica of an expert."""
 
     expert: str
-    replica: str
+    replica: str  # its label, "general#0"
+    actor: str  # its actor's name (where the caller reads a streamed attempt's text)
     outcome: str  # how the attempt ended, for the replica's health ("failed" on a deadline)
 
 
@@ -73,7 +74,7 @@ class TaskRun:
 
     def key(self) -> str:
         """Where this attempt's text is written: unique per attempt."""
-        return f"{self.task.id}:{self.attempts}"
+        return attempt_key(self.task.id, self.attempts)
 
     def result(self) -> TaskResult:
         task, done = self.task, self.completion
@@ -168,7 +169,8 @@ class TaskRunner:
             key = state.key()
             attempt_task = task.model_copy(update={"attempt": state.attempts})
             self.counters["dispatched"] += 1
-            self.notify(task, Dispatched(task.id, state.attempts, expert, lease.replica, key))
+            self.notify(task, Dispatched(task.id, state.attempts, expert, lease.replica, key,
+                                          lease.actor))
             try:
                 async with asyncio.timeout(task.timeout_s):
                     return await self.dispatcher.invoke(lease, attempt_task, key)

@@ -4,7 +4,8 @@ A fixed-size window, fed by the ingress as requests end: one slot per second ove
 last `window_s` seconds, each slot counting outcomes and holding two histograms with
 fixed, log-spaced buckets. Memory and snapshot cost depend on the window, never on the
 number of requests served. Percentiles are estimates within one bucket (about 15%).
-Plain Python, no Ray; one instance per ingress replica, used from its event loop.
+Plain Python, no Ray; one instance per team, in its controller, fed by every ingress
+replica's reports (`actors/team.py`).
 """
 
 from __future__ import annotations
@@ -99,9 +100,14 @@ class RequestWindow:
         return slot
 
     def record(self, latency_s: float, ttft_s: float | None = None,
-               outcome: str = "ok") -> None:
-        """One request ended: `outcome` is ok, failed or disconnected."""
-        slot = self._slot(int(self._clock()))
+               outcome: str = "ok", at: float | None = None) -> None:
+        """One request ended (at wall-clock `at`, default now): `outcome` is ok,
+        disconnected, or anything else (failed). One that ended before the window is
+        dropped."""
+        second = int(self._clock() if at is None else at)
+        if second <= int(self._clock()) - self.window_s:
+            return
+        slot = self._slot(second)
         slot.outcomes[outcome if outcome in slot.outcomes else "failed"] += 1
         slot.latency.add(latency_s)
         if ttft_s is not None:

@@ -4,9 +4,10 @@ Pydantic stays at the edges (caller input, events that leave the service); betwe
 the expert, the executor and the caller's team code these slotted dataclasses are
 pickled as they are. How they flow (see docs/token-path.md):
 
-    expert.run(task)  -> Completion             (one per attempt, to the executor)
-    expert.read(key)  -> (text, tokens) batches  (the answer's text, straight to the caller)
-    executor.stream() -> lists of Admitted | Dispatched | Retrying | Finished | Closed
+    expert.run(task, key, caller) -> Completion     (one per attempt, to the executor)
+    expert.session(caller)  -> [(key, text, tokens)] batches (text, straight to the caller)
+    executor.submit(plan)   -> Admitted                      (or QueueFullError: a 429)
+    executor.session(caller) -> [(request id, Dispatched | Retrying | Finished | Closed)]
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestration.models import TaskResult
+
+
+def attempt_key(task_id: str, attempt: int) -> str:
+    """Where attempt `attempt` of a task writes its text: unique per attempt."""
+    return f"{task_id}:{attempt}"
+
+
+def task_of(key: str) -> str:
+    return key.rpartition(":")[0]
+
+
+def attempt_of(key: str) -> int:
+    return int(key.rpartition(":")[2])
 
 
 @dataclass(slots=True)
@@ -51,6 +65,7 @@ class Dispatched:
     expert: str
     replica: str
     key: str
+    actor: str = ""  # the replica's actor name: where the caller reads the text
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY_INIT = {"address": "local", "num_cpus": 8, "include_dashboard": False,
             "namespace": "chorus-tests",
             "log_to_driver": False,
+            # One slot of a custom resource: an expert that reserves it fills the cluster
+            # (tests/test_fleet.py rolls it with no room for a second replica).
+            "resources": {"chorus-test-slot": 1},
             # Export metrics every second (default 10 s) so the metrics test waits less.
             "_system_config": {"metrics_report_interval_ms": 1000}}
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+# The HTTP path Chorus runs on (`chorus serve` sets the same): Ray Serve's HAProxy ingress,
+# each ingress replica serving HTTP itself (docs/operations.md, "The HTTP path"). Set
+# before the session's Ray starts, so Serve's controller and proxies see it.
+from orchestration.serve_env import serve_env  # noqa: E402
+
+for _key, _value in serve_env().items():
+    os.environ.setdefault(_key, _value)
 # LiteLLM fetches a model cost map at import unless told to use its bundled copy: the
 # tests never rely on the network.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -80,6 +90,39 @@ def ray_session():
     yield ray
 
 
+def team_actor(team: str, label: str, namespace: str = "chorus") -> Any:
+    """The live actor of replica `label` ("general#0") of team `team` ("chorus-<app>"),
+    whatever its incarnation (names: `<team>.<controller token>.expert.<label>~<n>`)."""
+    import ray
+
+    prefix = f"{team}."
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith(prefix)
+             and a["name"].rsplit("~", 1)[0].endswith(f".expert.{label}")]
+    assert names, f"no actor of {label} in team {team}"
+    return ray.get_actor(max(names, key=lambda n: int(n.rsplit("~", 1)[1])), namespace=namespace)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def until_gone(pids: Iterable[int], timeout: float = 60.0,
+                     what: str = "every process gone") -> None:
+    """Poll until no process of `pids` is left."""
+    pids = list(pids)
+
+    async def gone() -> bool:
+        return not [pid for pid in pids if alive(pid)]
+
+    await until(gone, timeout=timeout, what=what)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,6 +140,12 @@ def serve_port():
     yield port
     serve.shutdown()
     assert ray.is_initialized()
+    # The next module starts Serve again: wait until this one's controller is gone.
+    deadline = time.monotonic() + 60
+    while any(a["name"] == "SERVE_CONTROLLER_ACTOR"
+              for a in ray.util.list_named_actors(all_namespaces=True)):
+        assert time.monotonic() < deadline, "Serve's controller did not go away"
+        time.sleep(0.2)  # an external actor's exit: nothing to await
 
 
 @pytest.fixture(scope="module")

@@ -295,7 +295,7 @@ def test_serve_yaml_is_one_chorus_application(serve_config: Any) -> None:
     assert app.import_path == "serve_app:build_app"
     assert serve_config.http_options.host == "127.0.0.1"
     assert serve_config.http_options.port == 8000
-    assert str(serve_config.proxy_location.value) == "HeadOnly"
+    assert str(serve_config.proxy_location.value) == "EveryNode"  # HTTP scales out
 
 
 def test_serve_yaml_points_at_a_loadable_config(serve_config: Any) -> None:

@@ -23,7 +23,7 @@ from actors.engines.base import GenerationRequest
 from actors.engines.mock import count_tokens, mock_text
 from orchestration.cli import iter_sse
 from orchestration.generation import Message, chat_turns
-from tests.conftest import config_dict
+from tests.conftest import config_dict, team_actor
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 APP = "openai"
@@ -221,7 +221,7 @@ def test_sdk_model_chorus_counts_the_primary_and_lists_every_expert(client: Any)
 def _last_priority(expert: str) -> int:
     import ray
 
-    actor = ray.get_actor(f"chorus-{APP}.expert.{expert}#0", namespace="chorus")
+    actor = team_actor(f"chorus-{APP}", f"{expert}#0")
     return ray.get(actor.history.remote())[-1][1]
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from orchestration.cli import iter_sse
-from tests.conftest import ROOT, until
+from tests.conftest import ROOT, team_actor, until
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.usefixtures("ray_session")]
 FRANCE = "What is the capital of France?"
@@ -89,7 +89,7 @@ def tokenizer() -> Any:
 def _rendered_prompts() -> list[str]:
     import ray
 
-    general = ray.get_actor("chorus-cpu.expert.general#0", namespace="chorus")
+    general = team_actor("chorus-cpu", "general#0")
     return [prompt for _, prompt in ray.get(general.prompts.remote())]
 
 

@@ -37,17 +37,20 @@ async def test_the_router_restarts_with_its_model_loaded() -> None:
         await until(planned_again, timeout=60, what="the restarted router planning again")
         stats: list[dict] = []
 
-        async def answered() -> bool:
+        async def answered() -> bool:  # a new process that has planned since it started
             try:
                 stats.append(await router.stats.remote())
             except ray.exceptions.RayActorError:  # a call that met the restart: ask again
                 return False
+            if stats[-1]["plans"] == 0:  # (Ray may deliver a kill twice under load)
+                await router.plan.remote(OrchestrateRequest(prompt=PARAPHRASE))
+                return False
             return True
 
         await until(answered, timeout=30, what="the restarted router's stats")
-        after = stats[0]
+        after = stats[-1]
         assert after["pid"] != before["pid"]
-        assert after["routes"] == before["routes"] and after["plans"] == 1
+        assert after["routes"] == before["routes"] and after["plans"] >= 1
         assert after["latency_ms_p50"] is not None
         # The whole team serves through it: the plan event carries the semantic reason.
         events = [e async for e in client.stream(PARAPHRASE, max_tokens=4)]

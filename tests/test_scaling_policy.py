@@ -13,7 +13,7 @@ from orchestration.replicas import ReplicaPool
 
 def _pool(n: int, capacity: int = 2) -> ReplicaPool:
     pool = ReplicaPool("general", capacity, cooldown_failures=2, cooldown_s=10)
-    pool.update({f"general#{i}": (object(), "ready") for i in range(n)}, now=0.0)
+    pool.update({f"general#{i}": (object(), "ready", f"actor{i}") for i in range(n)}, now=0.0)
     return pool
 
 
@@ -39,7 +39,8 @@ def test_a_gone_replica_is_skipped_while_a_healthy_one_exists_and_counts_for_not
     pool.finished(gone, now=1.0, outcome="gone")
     assert gone.health(1.0) == "suspect" and pool.capacity(1.0) == 2
     assert {pool.pick(1.0).label for _ in range(3)} == {"general#1"}
-    pool.update({"general#0": (gone.handle, "ready"), "general#1": (object(), "ready")}, 2.0)
+    pool.update({"general#0": (gone.handle, "ready", "actor0"),
+                 "general#1": (pool.replicas["general#1"].handle, "ready", "actor1")}, 2.0)
     assert gone.health(2.0) == "healthy" and pool.capacity(2.0) == 4
 
 
@@ -68,8 +69,8 @@ def test_draining_takes_a_replica_out_and_reports_it_once_empty() -> None:
     pool = _pool(2)
     busy = pool.replicas["general#1"]
     pool.started(busy)
-    pool.update({"general#0": (pool.replicas["general#0"].handle, "ready"),
-                 "general#1": (busy.handle, "draining")}, now=1.0)
+    pool.update({"general#0": (pool.replicas["general#0"].handle, "ready", "actor0"),
+                 "general#1": (busy.handle, "draining", "actor1")}, now=1.0)
     assert pool.capacity(1.0) == 2 and pool.drained() == []
     assert pool.pick(1.0).label == "general#0"
     pool.finished(busy, now=2.0, outcome="ok")

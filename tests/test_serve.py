@@ -336,7 +336,8 @@ def test_connect_sync_helpers(base_url) -> None:
 async def test_deleting_the_application_removes_its_actors(guarded: str) -> None:
     from ray import serve
 
-    assert len(_chorus_actors("chorus-guarded.")) == 6  # 4 experts, executor, router
+    # Its controller, and the 4 experts, executor and router it owns.
+    assert len(_chorus_actors("chorus-guarded.")) == 7
     serve.delete("guarded")
 
     async def gone() -> bool:
@@ -347,7 +348,7 @@ async def test_deleting_the_application_removes_its_actors(guarded: str) -> None
 
 async def test_ctrl_c_on_serve_run_leaves_no_actor(base_url) -> None:
     _, proc = base_url
-    assert len(_chorus_actors("chorus-chorus.")) == 6
+    assert len(_chorus_actors("chorus-chorus.")) == 7
     proc.send_signal(signal.SIGINT)
     await asyncio.to_thread(proc.wait, 60)
 

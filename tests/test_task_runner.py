@@ -27,6 +27,7 @@ FAST = RetryConfig(attempts=3, initial_wait_s=0.001, multiplier=2.0, jitter=0)
 class FakeLease:
     expert: str
     replica: str
+    actor: str = ""
     outcome: str = "cancelled"
 
 

@@ -23,67 +23,90 @@ from orchestration.wire import Closed, Dispatched, Finished, Retrying
 TOKENS = st.lists(st.text(min_size=0, max_size=4), min_size=0, max_size=30)
 
 
-async def _produce(channel: TextChannel, tokens: list[str], delays: list[float],
-                   fail_at: int | None) -> str:
+async def _produce(channels: Channels, channel: TextChannel, tokens: list[str],
+                   delays: list[float], fail_at: int | None) -> str:
     written = []
     for i, token in enumerate(tokens):
         if fail_at is not None and i == fail_at:
-            channel.close()  # the engine failed here
-            return "".join(written)
+            break  # the engine failed here
         if delays[i % len(delays)]:
             await asyncio.sleep(delays[i % len(delays)])
-        channel.put(token, 1)
+        channels.put(channel, token, 1)
         written.append(token)
-    channel.close()
+    channels.finish(channel)
     return "".join(written)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tokens=TOKENS,
+@given(streams=st.lists(TOKENS, min_size=1, max_size=4),
        producer=st.lists(st.sampled_from([0.0, 0.0, 0.001]), min_size=1, max_size=5),
        consumer=st.lists(st.sampled_from([0.0, 0.0005, 0.002]), min_size=1, max_size=5),
        hold=st.sampled_from([0.0, 0.001]), fail=st.none() | st.integers(0, 30),
-       offset_frac=st.floats(0, 1), readers=st.integers(1, 3))
-def test_batches_concatenate_to_the_written_text(tokens, producer, consumer, hold, fail,
-                                                 offset_frac, readers) -> None:
-    async def scenario() -> None:
-        channel = TextChannel()
-        full = "".join(tokens[: fail if fail is not None else len(tokens)])
-        offset = int(len(full) * offset_frac)
+       early=st.integers(0, 4))
+def test_a_session_sends_each_channel_whole_in_order_and_nothing_of_others(
+        streams, producer, consumer, hold, fail, early) -> None:
+    """Several attempts of one caller on one replica, written concurrently; another
+    caller's attempt beside them; the session opens after `early` tokens were written."""
 
-        async def read(n: int) -> tuple[str, int]:
-            out, batches = [], 0
-            async for text, _tokens in channel.batches(offset if n == 0 else 0, hold):
-                out.append(text)
+    async def scenario() -> None:
+        channels = Channels(linger_s=5)
+        mine = [channels.open(f"t{i}:1", "me") for i in range(len(streams))]
+        other = channels.open("x:1", "someone else")
+        channels.put(other, "not yours", 1)
+        for channel, tokens in zip(mine, streams, strict=True):
+            for token in tokens[:early]:  # text written before the session opened
+                channels.put(channel, token, 1)
+        got: dict[str, list[str]] = {c.key: [] for c in mine}
+        batches = 0
+
+        async def read() -> None:
+            nonlocal batches
+            async for batch in channels.session("me", hold):
                 batches += 1
+                for key, text, _tokens in batch:
+                    got[key].append(text)
                 if consumer[batches % len(consumer)]:
                     await asyncio.sleep(consumer[batches % len(consumer)])
-            return "".join(out), batches
 
-        results = asyncio.gather(*(read(n) for n in range(readers)))
-        written = await _produce(channel, tokens, producer, fail)
-        got = await results
-        assert written == full
-        assert got[0][0] == full[offset:]
-        assert all(text == full for text, _ in got[1:])
-        assert all(batches <= max(1, len([t for t in tokens if t])) for _, batches in got)
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0)
+        written = await asyncio.gather(*(
+            _produce(channels, c, tokens[early:], producer, fail)
+            for c, tokens in zip(mine, streams, strict=True)))
+        wanted = {c.key: "".join(t[:early]) + rest
+                  for c, t, rest in zip(mine, streams, written, strict=True)}
+        for _ in range(2000):  # until the session handed over every piece (or give up)
+            if all("".join(got[key]) == text for key, text in wanted.items()):
+                break
+            await asyncio.sleep(0.001)
+        reader.cancel()
+        for key, text in wanted.items():
+            assert "".join(got[key]) == text
+        total = sum(len(tokens) for tokens in streams)
+        assert batches <= max(1, total)  # never more objects than writes
+        assert len(channels) == 1  # only the other caller's channel waits for its session
 
     asyncio.run(scenario())
 
 
-async def test_a_reader_may_come_before_the_writer_and_an_orphan_ends() -> None:
-    channels = Channels(linger_s=0.05, orphan_s=0.05)
-    early = channels.read("k1")
-    writer = channels.open("k1")
-    writer.put("hello ", 1)
-    writer.put("world", 1)
-    channels.finish("k1")
-    assert "".join([t async for t, _ in early]) == "hello world"
-    late = channels.read("k1")  # within the linger time: still readable
-    assert "".join([t async for t, _ in late]) == "hello world"
-    orphan = [t async for t, _ in channels.read("never-written")]
-    assert orphan == []
-    await asyncio.sleep(0.1)  # past linger and orphan times: both channels forgotten
+async def test_text_written_before_its_session_opens_lingers_then_goes() -> None:
+    channels = Channels(linger_s=0.05)
+    early = channels.open("k1:1", "me")
+    channels.put(early, "hello ", 1)
+    channels.put(early, "world", 1)
+    channels.finish(early)  # ended before the caller opened its session
+    session = channels.session("me", 0.0)
+    assert await asyncio.wait_for(session.__anext__(), 1) == [("k1:1", "hello world", 2)]
+    late = channels.open("k2:1", "me")
+    channels.put(late, "again", 1)
+    assert await asyncio.wait_for(session.__anext__(), 1) == [("k2:1", "again", 1)]
+    channels.finish(late)
+    assert len(channels) == 0  # handed to the open session: nothing kept
+    await session.aclose()
+    orphan = channels.open("k3:1", "me")
+    channels.put(orphan, "nobody reads", 1)
+    channels.finish(orphan)
+    await asyncio.sleep(0.1)  # past the linger time: forgotten
     assert len(channels) == 0
 
 
@@ -110,8 +133,8 @@ WORDS = st.lists(st.sampled_from(["a", "bc", " d", "éf", "🙂", ""]), min_size
 def test_deltas_resume_after_retries_restart_after_fallback_and_end_whole(
         text_a, text_b, failures, a_succeeds, seed) -> None:
     """Attempts on expert `a` fail after random prefixes; `a` finally succeeds, or the
-    fallback `b` answers. Text arrives in random chunks, late or early, relative to
-    the records."""
+    fallback `b` answers. Text arrives in random chunks, late or early (even before its
+    attempt's `Dispatched`), relative to the records."""
     rng = random.Random(seed)
     answer = {"a": "".join(text_a), "b": "".join(text_b)}
     attempts = [("a", min(cut, len(answer["a"]))) for cut in failures]
@@ -124,6 +147,14 @@ def test_deltas_resume_after_retries_restart_after_fallback_and_end_whole(
     for n, (expert, cut) in enumerate(attempts, start=1):
         at = next(clock)
         heapq.heappush(pending, (at, next(seq), ("dispatched", n, expert, cut)))
+        # The replica's session sends the attempt's whole text (from its start): random
+        # pieces, random latency, some before the record that dispatched it.
+        text, pos, t = answer[expert][:cut], 0, at - 3
+        while pos < len(text):
+            size = rng.randint(1, 4)
+            t += rng.uniform(0, 8)
+            heapq.heappush(pending, (t, next(seq), ("text", f"t1:{n}", text[pos:pos + size])))
+            pos += size
         if n < len(attempts):
             heapq.heappush(pending, (at + 5, next(seq), ("retrying", n, expert)))
     served = [e for e, _ in attempts]
@@ -136,17 +167,12 @@ def test_deltas_resume_after_retries_restart_after_fallback_and_end_whole(
         at, _, item = heapq.heappop(pending)
         if item[0] == "dispatched":
             _, n, expert, cut = item
-            step = assembly.on_records([Dispatched("t1", n, expert, f"{expert}#0", f"t1:{n}")])
-            (order,) = step.read
-            text, pos, t = answer[expert][order.offset:cut], 0, at
-            while pos < len(text):  # the reader's batches: random sizes, random latency
-                size = rng.randint(1, 4)
-                t += rng.uniform(0, 8)
-                heapq.heappush(pending, (t, next(seq), ("text", order.key, text[pos:pos + size])))
-                pos += size
+            step = assembly.on_records([Dispatched("t1", n, expert, f"{expert}#0", f"t1:{n}",
+                                                   f"actor-{expert}")])
+            assert step.read == [f"actor-{expert}"]
             events = step.events
         elif item[0] == "text":
-            events = assembly.on_text("t1", item[1], item[2])
+            events = assembly.on_text(item[1], item[2])
         elif item[0] == "retrying":
             events = assembly.on_records([Retrying("t1", item[1], item[2], 0.2, "boom")]).events
         elif item[0] == "finished":

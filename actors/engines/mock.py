@@ -84,7 +84,9 @@ class MockEngine:
         self.seen: deque[tuple[str, int]] = deque(maxlen=HISTORY)
 
     async def start(self) -> None:
-        return None
+        """What loading a model costs, every start and restart (`mock.startup_s`)."""
+        if self.options.startup_s:
+            await asyncio.sleep(self.options.startup_s)
 
     def _due(self, every: int, n: int) -> bool:
         return every > 0 and n % every == 0
