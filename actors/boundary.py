@@ -38,8 +38,8 @@ from orchestration.errors import (
 
 def translate(exc: BaseException, *, expert: str | None = None, actor: str = "") -> ChorusError:
     """Ours for what Ray raised from a call to `expert` (or to the control actor `actor`)."""
-    if isinstance(exc, ChorusError):
-        return exc
+    # First: Ray re-raises a remote ChorusError as `RayTaskError(ThatError)`, an instance
+    # of both; ours is its `cause`, with every attribute it had (e.g. `generated`).
     if isinstance(exc, rex.RayTaskError):
         cause = exc.cause
         if isinstance(cause, ChorusError):
@@ -50,6 +50,8 @@ def translate(exc: BaseException, *, expert: str | None = None, actor: str = "")
         if expert is not None:
             return EngineError(f"{expert}: {what}")
         return InternalError(f"{actor or 'chorus'} failed: {what}")
+    if isinstance(exc, ChorusError):
+        return exc
     if isinstance(exc, rex.TaskCancelledError):
         return TaskCancelledError(f"{expert or actor}: call cancelled")
     if isinstance(exc, rex.RayActorError):

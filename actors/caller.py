@@ -9,6 +9,9 @@ Per request, in Ray calls:
     router.plan(request)             1 call (none when the caller can plan it itself)
     executor.submit(plan, caller)    1 call: `Admitted`, or the admission error (429)
     executor.cancel(request id)      1 call, only if the caller leaves before the end
+    executor.delivered(task, ...)    1 call per failed attempt whose text died with its
+                                     process (what the caller has: the next attempt
+                                     continues it; docs/failover.md)
 
 Everything else travels on the shared sessions: `executor.session(caller)` carries the
 records of all its plans, `replica.session(caller)` the text of all its attempts on
@@ -97,6 +100,8 @@ class Caller:
             step = assembly.on_records(item.records)
             for name in step.read:
                 self._replica_session(name)
+            for task_id, attempt, text in step.replies:  # what a continuation continues
+                call.executor.delivered.remote(task_id, attempt, text)
             call.closed = step.done  # set before yielding `done`: the consumer may stop
             for event in step.events:
                 yield event

@@ -6,7 +6,8 @@ replica of the expert is one whose process died, it first waits (up to the task'
 timeout) for one to answer again; `invoke` calls
 `ExpertActor.run`, and cancelling the await cancels the ref (`ray.cancel`), so a
 deadline or a caller that went away reaches the engine. Ray's errors are translated by
-`actors.boundary`.
+`actors.boundary`. `delivered` waits for a live caller's answer to a `Handoff` (what
+it has of a broken-off answer), which the executor passes on (`on_delivered`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import ray
 
 from actors.actor_table import ray_state
 from actors.boundary import translate
-from orchestration.errors import ExpertUnavailableError, TaskCancelledError
+from orchestration.errors import (
+    AnswerInterruptedError,
+    ExpertUnavailableError,
+    TaskCancelledError,
+)
 from orchestration.models import ExpertTask
 from orchestration.replicas import Replica, ReplicaPool
 from orchestration.slots import SlotScheduler
@@ -54,14 +59,16 @@ class RayDispatcher:
         self._streams = streams  # task id -> the caller that reads its text live, or None
         self.outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef
         self._revivals: dict[str, asyncio.Future[None]] = {}  # actor name -> its `ready`
+        self._handoffs: dict[tuple[str, int], asyncio.Future[str]] = {}  # (task, attempt)
 
     @asynccontextmanager
-    async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[RayLease]:
+    async def slot(self, expert: str, task: ExpertTask,
+                   avoid: frozenset[str] = frozenset()) -> AsyncIterator[RayLease]:
         await self._until_back(expert, task.timeout_s)
         grant = await self.slots.acquire(expert, self._plan_of(task.id), task.rank)
         try:
             pool = self.pools.get(expert)
-            replica = pool.pick(time.monotonic()) if pool is not None else None
+            replica = pool.pick(time.monotonic(), avoid) if pool is not None else None
             if pool is None or replica is None:
                 raise ExpertUnavailableError(f"{expert}: no replica to dispatch to")
             pool.started(replica)
@@ -137,3 +144,31 @@ class RayDispatcher:
             self.outstanding.pop(key, None)
         lease.outcome = "ok"
         return completion
+
+    def others(self, expert: str, avoid: frozenset[str]) -> bool:
+        pool = self.pools.get(expert)
+        return pool is not None and any(
+            label not in avoid and not replica.draining
+            for label, replica in pool.replicas.items())
+
+    def live(self, task: ExpertTask) -> bool:
+        return self._streams(task.id) is not None
+
+    async def delivered(self, task: ExpertTask, attempt: int) -> str:
+        """The live caller's text of the answer (its reply to the `Handoff` record the
+        runner just sent), waiting at most the task's timeout."""
+        slot = (task.id, attempt)
+        future = self._handoffs[slot] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(future, task.timeout_s)
+        except TimeoutError:
+            raise AnswerInterruptedError(
+                f"{task.expert}: the answer broke off and its caller did not say within "
+                f"{task.timeout_s:g}s what it had received") from None
+        finally:
+            self._handoffs.pop(slot, None)
+
+    def on_delivered(self, task_id: str, attempt: int, text: str) -> None:
+        future = self._handoffs.get((task_id, attempt))
+        if future is not None and not future.done():
+            future.set_result(text)

@@ -125,6 +125,10 @@ class ExecutorActor:
 
     # ------------------------------------------------------------------ public API
 
+    def delivered(self, task_id: str, attempt: int, text: str) -> None:
+        """A caller's answer to a `Handoff`: the text it has of that task's answer."""
+        self.dispatcher.on_delivered(task_id, attempt, text)
+
     def load(self) -> ExecutorLoad:
         active, queued = self._load()
         return ExecutorLoad(active=active, queued=queued)
@@ -270,6 +274,7 @@ class ExecutorActor:
             "requests": len(self.requests),
             "sessions": len(self.sessions),
             "counters": {**self.counters, **self.runner.counters},
+            "continued": dict(self.runner.continued),  # expert -> attempts that continued
         }
 
     # ------------------------------------------------------------------ plan life

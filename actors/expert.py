@@ -7,6 +7,11 @@ put a deadline on and `ray.cancel`). When a caller wants the text as it is gener
 all its attempts on this replica through one `session(caller)` — a streaming generator
 of coalesced batches (see `orchestration/coalesce.py`): the tokens never pass through
 the executor, and one batch serves every request of that caller.
+
+A task with a `prefix` continues an answer an earlier attempt began (docs/failover.md):
+the engine generates what follows, only that is streamed, and the Completion holds the
+whole answer. An attempt that fails with a transient error says what it had generated
+(`TransientError.generated`), so the next attempt can continue it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ray
 from actors.engines import Delta, Engine, GenerationRequest, make_engine, tool_calls
 from orchestration.coalesce import Channels
 from orchestration.config import ExpertConfig, StreamConfig
+from orchestration.errors import AnswerInterruptedError, StalledError, TransientError
 from orchestration.generation import Message, chat_turns
 from orchestration.models import ExpertTask
 from orchestration.wire import Completion
@@ -37,12 +43,38 @@ def _request(task: ExpertTask, key: str) -> GenerationRequest:
         request_id=key,
         sampling_key=task.id,
         **conversation,
+        prefix=task.prefix,
         max_tokens=task.max_tokens,
         temperature=task.temperature,
         seed=task.seed,
         sampling=task.sampling,
         rank=task.rank,
     )
+
+
+async def _paced(deltas: AsyncIterator[Delta], task: ExpertTask,
+                 expert: str) -> AsyncIterator[Delta]:
+    """The engine's deltas, or StalledError when the first is later than the task's
+    `ttft_timeout_s` or the next later than its `stall_timeout_s` after the one before.
+    The engine's stream is cancelled there (vLLM aborts the request, freeing its slot);
+    a long answer that keeps coming is never cut here."""
+    tokens = 0
+    try:
+        while True:
+            limit = task.stall_timeout_s if tokens else task.ttft_timeout_s
+            try:
+                async with asyncio.timeout(limit):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                what = (f"no new token for {limit:g}s after {tokens} tokens" if tokens
+                        else f"no first token within {limit:g}s")
+                raise StalledError(f"{expert}: {what} (attempt {task.attempt})") from None
+            tokens += delta.tokens or 1
+            yield delta
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
 
 
 class _Choice:
@@ -108,19 +140,35 @@ class ExpertActor:
         began = loop.time()
         done = Completion(replica=self.replica)
         choices: dict[int, _Choice] = {}
+        prefix_tokens = 0
         try:
-            async for delta in self.engine.stream(_request(task, key)):
+            if task.prefix and not getattr(self.engine, "continues", True):
+                raise AnswerInterruptedError(
+                    f"{self.config.name}: this engine cannot continue an answer that broke "
+                    f"off after {len(task.prefix)} characters reached the caller")
+            async for delta in _paced(self.engine.stream(_request(task, key)), task,
+                                      self.config.name):
                 if done.ttft_s is None:
                     done.ttft_s = loop.time() - began
                 if delta.prompt_tokens is not None:
                     done.prompt_tokens = delta.prompt_tokens
+                if delta.prefix_tokens is not None:
+                    prefix_tokens = delta.prefix_tokens
                 choices.setdefault(delta.index, _Choice()).add(delta)
                 if channel is not None and delta.index == 0:  # choice 0 is the live one
                     channels.put(channel, delta.text, delta.tokens)
+        except TransientError as exc:  # the next attempt continues what this one made
+            exc.generated = "".join(choices[0].parts) if 0 in choices else ""
+            raise
         finally:
             if channel is not None:  # ended, whole or not: its session sends the rest
                 channels.finish(channel)
-        return self._completed(done, task, [choices.get(i, _Choice()) for i in range(len(choices) or 1)])
+        done = self._completed(done, task,
+                               [choices.get(i, _Choice()) for i in range(len(choices) or 1)])
+        if task.prefix:  # the answer is the prefix and its continuation, counted once
+            done.text = task.prefix + done.text
+            done.completion_tokens += prefix_tokens
+        return done
 
     def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:
         """Choice 0 in the Completion's fields, the others in `extras["samples"]`."""

@@ -51,6 +51,8 @@ async def team_stats(registry: Registry, supervisor: Supervisor | None, scaler: 
         first = next(iter(entry["replicas"].values()))
         entry.update({k: v for k, v in first.items() if k not in ("supervision", "dispatch")})
         entry["state"] = first["supervision"]["status"]
+        # Attempts that continued an answer another attempt began (docs/failover.md).
+        entry["continuations"] = executor.get("continued", {}).get(expert, 0)
         if scaler is not None and expert in configured:
             entry["scaling"] = scaler.describe(expert)
     return {"router": {**_describe(answers[-1], timeout_s),

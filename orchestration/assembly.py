@@ -11,9 +11,12 @@ which replicas to open a session with. No I/O, no Ray.
 Rules, per streamed task (the primary, a synthesis, or any task with `stream_experts`):
 - text counts only from the task's *current* attempt; text of an earlier attempt is
   ignored, and text of a later one waits for its `Dispatched` record;
-- a retry on the same expert replays the same text (same seed), so the first
-  characters the caller already has are skipped; a fallback expert's answer differs,
-  so it restarts from the beginning, and its deltas carry the new `attempt`;
+- one answer per task: every attempt after the first continues the text the caller
+  has (a retry, another replica, the fallback expert alike; docs/failover.md), so its
+  text is appended, and its deltas carry the new `attempt` (and expert);
+- a `Handoff` record ends the failed attempt's text here: with the answer so far, the
+  caller sends what it lacks of it; without, it tells the executor what it has
+  (`Step.replies`), which is what the next attempt continues;
 - when the task's result arrives, whatever part of its text had not been delivered is
   sent from the result, then the result itself: nothing is lost or sent twice,
   whichever path was faster.
@@ -39,6 +42,7 @@ from orchestration.wire import (
     Closed,
     Dispatched,
     Finished,
+    Handoff,
     Record,
     Retrying,
     attempt_of,
@@ -52,6 +56,8 @@ class Step:
 
     events: list[Any] = field(default_factory=list)
     read: list[str] = field(default_factory=list)  # actor names of replicas to read from
+    # (task id, attempt, the text the caller has of its answer): for `executor.delivered`
+    replies: list[tuple[str, int, str]] = field(default_factory=list)
     done: bool = False
 
 
@@ -62,10 +68,15 @@ class _Stream:
     task: ExpertTask
     expert: str | None = None  # expert of the current attempt
     attempt: int = 0
-    key: str | None = None  # the attempt whose text counts
-    emitted: int = 0  # characters of the current expert's answer already sent
-    skip: int = 0  # characters of the current attempt's text the caller already has
+    key: str | None = None  # the attempt whose text counts (None: between attempts)
+    sent: list[str] = field(default_factory=list)  # the answer sent so far, in pieces
+    emitted: int = 0  # its length
     early: dict[str, list[str]] = field(default_factory=dict)  # text of later attempts
+
+    def text(self) -> str:
+        if len(self.sent) > 1:
+            self.sent[:] = ["".join(self.sent)]
+        return self.sent[0] if self.sent else ""
 
 
 class Assembly:
@@ -83,6 +94,8 @@ class Assembly:
         for record in records:
             if isinstance(record, Dispatched):
                 self._dispatched(record, step)
+            elif isinstance(record, Handoff):
+                self._handoff(record, step)
             elif isinstance(record, Retrying):
                 task = self.tasks[record.task_id]
                 step.events.append(TaskEvent(
@@ -123,9 +136,7 @@ class Assembly:
         stream = self.streams.get(task.id)
         if stream is None:
             return
-        if record.expert != stream.expert:  # first attempt, or a fallback: restart
-            stream.expert, stream.emitted = record.expert, 0
-        stream.attempt, stream.key, stream.skip = record.attempt, record.key, stream.emitted
+        stream.expert, stream.attempt, stream.key = record.expert, record.attempt, record.key
         step.read.append(record.actor)
         for key in [k for k in stream.early if attempt_of(k) <= record.attempt]:
             pieces = stream.early.pop(key)
@@ -133,13 +144,21 @@ class Assembly:
                 for text in pieces:
                     step.events += self._accept(stream, text)
 
+    def _handoff(self, record: Handoff, step: Step) -> None:
+        stream = self.streams.get(record.task_id)
+        if stream is None or record.attempt != stream.attempt:
+            return  # not streamed here (the executor thinks otherwise: nothing to say)
+        stream.key = None  # the failed attempt's late text is not part of the answer
+        for key in [k for k in stream.early if attempt_of(k) <= record.attempt]:
+            del stream.early[key]
+        if record.answer is None:
+            step.replies.append((record.task_id, record.attempt, stream.text()))
+        elif (rest := record.answer[stream.emitted:]) and record.answer.startswith(stream.text()):
+            step.events += self._accept(stream, rest)
+
     def _accept(self, stream: _Stream, text: str) -> list[Any]:
-        """Text of the current attempt: what the caller already has is skipped."""
-        if stream.skip:
-            cut = min(stream.skip, len(text))
-            text, stream.skip = text[cut:], stream.skip - cut
-            if not text:
-                return []
+        """Text of the current attempt: appended to the answer."""
+        stream.sent.append(text)
         stream.emitted += len(text)
         return [self._delta(stream, text)]
 
@@ -149,12 +168,9 @@ class Assembly:
         if stream is not None:
             stream.key, stream.early = None, {}
             if result.ok and result.result is not None:
-                if stream.expert != (result.served_by or [result.expert])[-1]:
-                    stream.expert, stream.emitted = result.served_by[-1], 0
-                rest = result.result[stream.emitted:]
-                if rest:
-                    stream.emitted += len(rest)
-                    step.events.append(self._delta(stream, rest))
+                stream.expert = (result.served_by or [result.expert])[-1]
+                if rest := result.result[stream.emitted:]:
+                    step.events += self._accept(stream, rest)
         if self.tasks[result.task_id].role == "expert":
             step.events.append(ExpertEvent(request_id=self.request_id, result=result))
 

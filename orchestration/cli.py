@@ -115,9 +115,9 @@ class Renderer:
         key = (str(data.get("expert", "?")), int(data.get("attempt", 1)))
         if self._primary_key is None:
             self._header(f"{key[0]} (primary)")
-        elif key != self._primary_key:
-            self._line(self._c(f"[retry: attempt {key[1]} on {key[0]}]", "33"))
-            self.primary_text = ""
+        elif key != self._primary_key:  # a retry or a fallback continues the answer:
+            # said on stderr, so the transcript's answer stays one text
+            self.err.write(self._c(f"[continued: attempt {key[1]} on {key[0]}]", "33") + "\n")
         self._primary_key = key
         self.primary_text += data.get("delta", "")
         self._write(data.get("delta", ""))

@@ -63,6 +63,9 @@ class MockOptions(_Section):
     crash_every: NonNegInt = 0
     hang_every: NonNegInt = 0
     garbage_every: NonNegInt = 0
+    # Where a fault of fail/crash/hang_every strikes: after this many tokens of the
+    # answer were sent (0: before the first), so an answer can break off mid-stream.
+    fault_after_tokens: NonNegInt = 0
     # Text appended to every answer (used to test the guard with fake secrets), sent in
     # pieces of `inject_chunk` characters so that a secret crosses delta boundaries.
     inject: str = ""
@@ -198,7 +201,12 @@ class RetryConfig(_Section):
 class ExecutorConfig(_Section):
     max_in_flight: PositiveInt = 16
     max_queue: PositiveInt = 256
-    task_timeout_s: PositiveFloat = 30.0
+    # Three limits (docs/failover.md#timeouts): a task's whole answer, retries included
+    # (a request's `timeout_s` overrides it); an attempt's first token; and the longest
+    # gap between two tokens. A long answer that keeps coming is never cut but by the first.
+    task_timeout_s: PositiveFloat = 300.0
+    ttft_timeout_s: PositiveFloat = 30.0
+    stall_timeout_s: PositiveFloat = 10.0
     retry: RetryConfig = Field(default_factory=RetryConfig)
     strategy_concurrency: dict[ExecutionStrategy, PositiveInt] = Field(
         default_factory=lambda: {

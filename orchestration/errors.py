@@ -23,9 +23,15 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     ├── PlacementError (503) ....... placement_failed: the cluster cannot hold the team
     ├── InternalError (500) ........ internal_error: a bug; the message says where
     ├── TaskCancelledError (499) ... cancelled: the request (or the call) was cancelled
+    ├── AnswerInterruptedError ..... answer_interrupted: an answer broke off after part of
+    │                                it reached the caller, and it cannot be continued
+    ├── DeadlineError .............. timeout: the task's deadline (its whole answer,
+    │                                retries included) passed; nothing more is started
     └── TransientError ............. worth a retry (then a fallback)
         ├── EngineError ............ engine_error: the engine failed this attempt
-        ├── TaskTimeoutError ....... timeout: no complete answer before the deadline
+        ├── TaskTimeoutError ....... timeout: an attempt's own limit
+        │   └── StalledError ....... stalled: no first token in time, or no new token
+        │                            for too long (never retried on that replica)
         └── ExpertUnavailableError . expert_unavailable: the expert's process is down
 """
 
@@ -45,8 +51,8 @@ class ChorusError(Exception):
         self.message = message
         self.field = field
 
-    def __reduce__(self):  # keep `field` across pickling (Ray re-raises remote errors)
-        return (_rebuild, (type(self), self.message, self.field))
+    def __reduce__(self):  # keep `field` (and any attribute) across pickling (Ray re-raises remote errors)
+        return (_rebuild, (type(self), self.message, self.field), dict(self.__dict__))
 
     def to_dict(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message, "field": self.field}
@@ -157,9 +163,15 @@ class PlacementError(ChorusError):
 
 
 class TransientError(ChorusError):
-    """A failure worth retrying: engine error, timeout, expert restarting."""
+    """A failure worth retrying: engine error, timeout, expert restarting.
+
+    `generated` is the text the failed attempt had generated when the expert knows it
+    (an engine error, a stall): the next attempt continues from it. None when the
+    process died with it (then the caller, if one reads the text live, says what it has).
+    """
 
     code = "transient"
+    generated: str | None = None
 
 
 class EngineError(TransientError):
@@ -170,10 +182,33 @@ class TaskTimeoutError(TransientError):
     code = "timeout"
 
 
+class StalledError(TaskTimeoutError):
+    """An attempt sent no first token within `ttft_timeout_s`, or no new token for
+    `stall_timeout_s`: its engine is stuck or overloaded, so the next attempt goes to
+    another replica (or the fallback), never to the same one."""
+
+    code = "stalled"
+
+
+class DeadlineError(ChorusError):
+    """The task's deadline (`timeout_s`: the whole answer, retries included) passed."""
+
+    code = "timeout"
+    status = 504
+
+
 class ExpertUnavailableError(TransientError):
     """The expert's actor died or is restarting."""
 
     code = "expert_unavailable"
+
+
+class AnswerInterruptedError(ChorusError):
+    """Part of an answer reached the caller, then its attempt failed, and the answer cannot
+    be continued (docs/failover.md): ends the task, no retry, no fallback."""
+
+    code = "answer_interrupted"
+    status = 502
 
 
 class TaskCancelledError(ChorusError):

@@ -147,6 +147,8 @@ def build_synthesis_task(
         weight=plan.primary.weight,
         rank=plan.primary.rank,
         timeout_s=timeout_s,
+        ttft_timeout_s=plan.primary.ttft_timeout_s,
+        stall_timeout_s=plan.primary.stall_timeout_s,
         max_tokens=max_tokens,
         temperature=plan.primary.temperature,
         seed=plan.primary.seed,

@@ -188,7 +188,11 @@ class ExpertTask(_Model):
     role: Literal["primary", "expert", "synthesis"] = "expert"
     # The seeds' scale: primary 10, high-importance experts 5, others 1.
     weight: int = EXPERT_WEIGHT
+    # The task's deadline: its whole answer, retries included.
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Each attempt's limits: seconds to its first token, and between two tokens.
+    ttft_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    stall_timeout_s: Annotated[float, Field(gt=0)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] = 256
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     seed: int | None = None
@@ -197,6 +201,9 @@ class ExpertTask(_Model):
     request_id: str | None = None
     # Set by the executor per dispatch; engines key their requests on (id, attempt).
     attempt: int = 1
+    # Set by the executor per dispatch: the answer so far, which this attempt continues
+    # as the start of the assistant's turn (empty: the attempt starts the answer).
+    prefix: str = ""
     # Whether the caller reads this task's text as it is generated (the primary, a
     # synthesis, or every task with `stream_experts`); others return it in one piece.
     stream: bool = False
@@ -250,6 +257,9 @@ class TaskResult(_Model):
     replicas: list[str] = Field(default_factory=list)
     # Backoff waits (seconds) the retry policy chose between attempts, in order.
     retry_waits: list[float] = Field(default_factory=list)
+    # Per attempt: how many characters of the answer it continued from (0: it started
+    # the answer; docs/failover.md).
+    continued_from: list[int] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:

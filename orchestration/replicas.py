@@ -20,6 +20,7 @@ fallback decide). The pool's `capacity`, the executor's per-expert bound, is the
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +70,11 @@ class ReplicaPool:
     def capacity(self, now: float) -> int:
         return sum(r.capacity for r in self.dispatchable(now))
 
-    def pick(self, now: float) -> Replica | None:
-        """The least-loaded dispatchable replica with room (ties: idle the longest)."""
-        room = [r for r in self.dispatchable(now) if r.in_flight < r.capacity]
+    def pick(self, now: float, avoid: Collection[str] = ()) -> Replica | None:
+        """The least-loaded dispatchable replica with room (ties: idle the longest), not
+        one of `avoid` (labels)."""
+        room = [r for r in self.dispatchable(now)
+                if r.in_flight < r.capacity and r.label not in avoid]
         return min(room, key=lambda r: (r.in_flight, r.idle_since), default=None)
 
     def update(self, members: dict[str, tuple[Any, str, str]], now: float) -> None:

@@ -210,6 +210,8 @@ def plan_request(
             weight=base,
             rank=dispatch_rank(base, request.priority, config.executor),
             timeout_s=timeout_s,
+            ttft_timeout_s=config.executor.ttft_timeout_s,
+            stall_timeout_s=config.executor.stall_timeout_s,
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             seed=options.seed,

@@ -2,17 +2,29 @@
 
 `TaskRunner.run(state)` drives a task to exactly one `TaskResult`:
 
+    within the task's deadline (`timeout_s`: the whole answer, retries included):
     for the task's expert, then its fallback (if any):
         up to `retry.attempts` attempts, backing off (jittered) between them:
-            wait for a slot -> dispatch -> await the Completion within `timeout_s`
-        transient failure (engine error, timeout, expert down): next attempt
+            wait for a slot -> dispatch -> await the Completion
+        transient failure (engine error, expert down): hand off, next attempt
+        stalled (no first token, or no new token, in time; the expert says): hand off,
+            next attempt on another replica — none left: the fallback
+    the deadline passes: ends `timeout` at once (no new attempt, no fallback)
     bad input: ends at once (no retry, no fallback)
     cancellation (the request was cancelled, or Ray cancelled the expert's call):
         ends `cancelled` at once: never retried, never sent to a fallback
 
+Every attempt after the first *continues* the answer so far (`TaskRun.answer`, sent as
+the task's `prefix`), whether it runs on the same replica, another, or the fallback
+(docs/failover.md). The hand-off after a failure settles that answer: the text the
+failed attempt generated when the expert said (`TransientError.generated`), else —
+when a caller reads the task live — the text the caller has (`Dispatcher.delivered`).
+An answer that cannot be continued (`cannot_continue`) starts over while nobody has
+seen any of it, and otherwise ends the task with `AnswerInterruptedError`.
+
 The runner reaches experts only through a `Dispatcher` (the executor's Ray boundary
 implements it; tests pass a fake), and tells the caller what happens through
-`notify` (the `Dispatched` / `Retrying` records of `orchestration.wire`).
+`notify` (the `Dispatched` / `Handoff` / `Retrying` records of `orchestration.wire`).
 """
 
 from __future__ import annotations
@@ -27,14 +39,18 @@ from typing import Protocol
 
 from orchestration.config import RetryConfig
 from orchestration.errors import (
+    AnswerInterruptedError,
     ChorusError,
+    DeadlineError,
+    StalledError,
     TaskCancelledError,
     TaskTimeoutError,
     TransientError,
 )
 from orchestration.models import ExpertTask, TaskResult, TaskStatus
 from orchestration.scheduling import build_retrying
-from orchestration.wire import Completion, Dispatched, Record, Retrying, attempt_key
+from orchestration.tools import json_constraint
+from orchestration.wire import Completion, Dispatched, Handoff, Record, Retrying, attempt_key
 
 
 class Lease(Protocol):
@@ -49,11 +65,23 @@ class Lease(Protocol):
 class Dispatcher(Protocol):
     """How the runner reaches experts."""
 
-    def slot(self, expert: str, task: ExpertTask) -> AbstractAsyncContextManager[Lease]:
-        """Wait for a dispatch slot on `expert`; the slot is returned on exit."""
+    def slot(self, expert: str, task: ExpertTask,
+             avoid: frozenset[str] = frozenset()) -> AbstractAsyncContextManager[Lease]:
+        """Wait for a dispatch slot on `expert`, on a replica not in `avoid` (labels);
+        the slot is returned on exit."""
+
+    def others(self, expert: str, avoid: frozenset[str]) -> bool:
+        """Whether `expert` has a replica to dispatch to that is not in `avoid`."""
 
     async def invoke(self, lease: Lease, task: ExpertTask, key: str) -> Completion:
         """Run one attempt; cancelling this await must cancel the remote call."""
+
+    def live(self, task: ExpertTask) -> bool:
+        """Whether a caller reads this task's text as it is generated."""
+
+    async def delivered(self, task: ExpertTask, attempt: int) -> str:
+        """The text of `task`'s answer its live caller has, once it stopped taking the
+        text of `attempt` (after a `Handoff` without an answer)."""
 
 
 @dataclass
@@ -62,15 +90,22 @@ class TaskRun:
 
     task: ExpertTask
     started: float = field(default_factory=time.monotonic)
+    stalled: set[str] = field(default_factory=set)  # replicas an attempt stalled on
     served_by: list[str] = field(default_factory=list)  # expert of each attempt
     replicas: list[str] = field(default_factory=list)  # replica of each attempt
     waits: list[float] = field(default_factory=list)  # backoff before each retry
+    answer: str = ""  # the answer so far: the next attempt continues it
+    continued_from: list[int] = field(default_factory=list)  # len(answer) at each attempt
     completion: Completion | None = None
     error: ChorusError | None = None
 
     @property
     def attempts(self) -> int:
         return len(self.served_by)
+
+    def remaining_s(self) -> float:
+        """Seconds left of the task's deadline (its whole answer, retries included)."""
+        return self.started + self.task.timeout_s - time.monotonic()
 
     def key(self) -> str:
         """Where this attempt's text is written: unique per attempt."""
@@ -82,7 +117,7 @@ class TaskRun:
             "task_id": task.id, "expert": task.expert, "role": task.role,
             "attempts": self.attempts, "latency_s": time.monotonic() - self.started,
             "served_by": list(self.served_by), "replicas": list(self.replicas),
-            "retry_waits": list(self.waits),
+            "retry_waits": list(self.waits), "continued_from": list(self.continued_from),
         }
         if done is not None:
             return TaskResult(
@@ -96,8 +131,26 @@ class TaskRun:
                           error_code=error.code, error_field=error.field, **fields)
 
 
+def cannot_continue(task: ExpertTask) -> str | None:
+    """Why an answer of `task` cannot be continued from a prefix, or None (it can).
+
+    A constrained answer (JSON schema, forced tool call) is generated under a grammar
+    from its first token; tool calls are parsed from the whole text; choices 2..n and
+    logprobs exist only in the attempt that produced them."""
+    sampling = task.sampling
+    if json_constraint(sampling) is not None:
+        return "a structured answer (response_format or a forced tool call)"
+    if sampling.tools:
+        return "an answer that may call tools"
+    if sampling.n > 1:
+        return f"an answer of {sampling.n} choices"
+    if sampling.logprobs:
+        return "an answer with logprobs"
+    return None
+
+
 def status_of(error: ChorusError) -> TaskStatus:
-    if isinstance(error, TaskTimeoutError):
+    if isinstance(error, TaskTimeoutError | DeadlineError):
         return TaskStatus.TIMEOUT
     if isinstance(error, TaskCancelledError):
         return TaskStatus.CANCELLED
@@ -119,6 +172,7 @@ class TaskRunner:
         self.fallbacks = fallbacks
         self.notify = notify
         self.counters: Counter[str] = Counter()
+        self.continued: Counter[str] = Counter()  # expert -> attempts that continued
 
     async def run(self, state: TaskRun) -> TaskResult:
         """Always returns (never raises): cancellation becomes a `cancelled` result."""
@@ -131,8 +185,8 @@ class TaskRunner:
                 try:
                     state.completion = await self._on(expert, state)
                     break
-                except TransientError as exc:
-                    state.error = exc  # exhausted on this expert: next candidate
+                except (TransientError, _NoOtherReplica) as exc:
+                    state.error = exc.error if isinstance(exc, _NoOtherReplica) else exc
         except asyncio.CancelledError:
             # The request was cancelled (caller gone): end now, whatever was pending.
             state.error = TaskCancelledError(f"{task.expert}: request cancelled")
@@ -158,27 +212,70 @@ class TaskRunner:
                     return await self._attempt(expert, state)
                 except TransientError as exc:
                     state.error = exc
+                    await self._hand_off(expert, state, exc)
+                    if isinstance(exc, StalledError):  # never the same replica again
+                        state.stalled.add(state.replicas[-1])
+                        if not self.dispatcher.others(expert, frozenset(state.stalled)):
+                            raise _NoOtherReplica(exc) from None
                     raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _attempt(self, expert: str, state: TaskRun) -> Completion:
+        task, left = state.task, state.remaining_s()
+        if left <= 0:  # nothing is started after the deadline
+            raise DeadlineError(f"{expert}: no complete answer within the deadline of "
+                                f"{task.timeout_s:g}s ({state.attempts} attempt(s) made)")
+        try:
+            async with asyncio.timeout(left):
+                return await self._dispatch(expert, state)
+        except TimeoutError:
+            raise DeadlineError(f"{expert}: no complete answer within the deadline of "
+                                f"{task.timeout_s:g}s (attempt {state.attempts})") from None
+
+    async def _dispatch(self, expert: str, state: TaskRun) -> Completion:
         task = state.task
-        async with self.dispatcher.slot(expert, task) as lease:
+        async with self.dispatcher.slot(expert, task, frozenset(state.stalled)) as lease:
             state.served_by.append(expert)
             state.replicas.append(lease.replica)
             key = state.key()
-            attempt_task = task.model_copy(update={"attempt": state.attempts})
+            attempt_task = task.model_copy(update={"attempt": state.attempts,
+                                                   "prefix": state.answer})
+            state.continued_from.append(len(state.answer))
+            if state.answer:
+                self.continued[expert] += 1
             self.counters["dispatched"] += 1
             self.notify(task, Dispatched(task.id, state.attempts, expert, lease.replica, key,
                                           lease.actor))
             try:
-                async with asyncio.timeout(task.timeout_s):
-                    return await self.dispatcher.invoke(lease, attempt_task, key)
-            except TimeoutError:
-                lease.outcome = "failed"  # a replica that misses deadlines is not healthy
-                raise TaskTimeoutError(
-                    f"{expert}: no complete answer within {task.timeout_s:g}s "
-                    f"(attempt {state.attempts})") from None
+                return await self.dispatcher.invoke(lease, attempt_task, key)
+            except StalledError:
+                lease.outcome = "failed"  # a replica that stalls is not healthy
+                raise
+
+    async def _hand_off(self, expert: str, state: TaskRun, exc: TransientError) -> None:
+        """Settle the answer the next attempt continues (see the module's docstring)."""
+        task, why = state.task, cannot_continue(state.task)
+        known = None if why or exc.generated is None else state.answer + exc.generated
+        if self.dispatcher.live(task):
+            self.notify(task, Handoff(task.id, state.attempts, known))
+            answer = known if known is not None else await self.dispatcher.delivered(
+                task, state.attempts)
+            if why and answer:
+                raise AnswerInterruptedError(
+                    f"{expert}: the answer broke off after {len(answer)} characters had "
+                    f"reached the caller, and {why} cannot be continued "
+                    f"(attempt {state.attempts}: {exc.message})")
+        else:  # nobody has seen any of it: continue what is known, or start over
+            answer = "" if why else known if known is not None else state.answer
+        state.answer = answer
+
+
+class _NoOtherReplica(Exception):
+    """An attempt stalled and its expert has no other replica: try the fallback."""
+
+    def __init__(self, error: StalledError) -> None:
+        super().__init__(error.message)
+        self.error = StalledError(f"{error.message}; no other replica of it to continue on")
 
 
 _COUNTER = {TaskStatus.ERROR: "failed", TaskStatus.TIMEOUT: "timed_out",

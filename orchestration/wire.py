@@ -7,7 +7,9 @@ pickled as they are. How they flow (see docs/token-path.md):
     expert.run(task, key, caller) -> Completion     (one per attempt, to the executor)
     expert.session(caller)  -> [(key, text, tokens)] batches (text, straight to the caller)
     executor.submit(plan)   -> Admitted                      (or QueueFullError: a 429)
-    executor.session(caller) -> [(request id, Dispatched | Retrying | Finished | Closed)]
+    executor.session(caller) -> [(request id, Dispatched | Handoff | Retrying | Finished | Closed)]
+    executor.delivered(request id, task id, attempt, text)  (the caller's answer to a
+                                                            Handoff without `answer`)
 """
 
 from __future__ import annotations
@@ -69,6 +71,22 @@ class Dispatched:
 
 
 @dataclass(slots=True, frozen=True)
+class Handoff:
+    """Attempt `attempt` of a streamed task failed; the next one continues its answer.
+
+    The caller stops taking that attempt's text. `answer` is the whole answer so far
+    when the executor knows it (the expert said what the attempt had generated): the
+    caller sends what it lacks of it. None (the process died with it): the caller
+    answers `executor.delivered` with the text it has, and the next attempt continues
+    that (docs/failover.md).
+    """
+
+    task_id: str
+    attempt: int
+    answer: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
 class Retrying:
     """An attempt failed with a transient error; the next starts after `wait_s`."""
 
@@ -91,4 +109,4 @@ class Closed:
     """Last record: every task of the plan has finished."""
 
 
-Record = Admitted | Dispatched | Retrying | Finished | Closed
+Record = Admitted | Dispatched | Handoff | Retrying | Finished | Closed

@@ -24,7 +24,7 @@ from orchestration.call import Call
 from orchestration.config import StreamConfig
 from orchestration.errors import ChorusError
 from orchestration.models import ExecutionPlan, ExpertTask, TaskResult, TaskStatus
-from orchestration.wire import Admitted, Closed, Dispatched, Finished
+from orchestration.wire import Admitted, Closed, Dispatched, Finished, Handoff
 
 ANSWER = "one two three four"
 
@@ -79,9 +79,14 @@ class FakeExecutor:
         self._actor_id = _Id(name)
         self.streams: list[_Stream] = []
         self.cancels: list[str] = []
+        self.replies: dict[tuple[str, int], str] = {}  # the caller's answers to hand-offs
         self.session = _Method(self._session)
         self.submit = _Method(self._submit)
         self.cancel = _Method(self.cancels.append)
+        self.delivered = _Method(self._delivered)
+
+    def _delivered(self, task_id: str, attempt: int, text: str) -> None:
+        self.replies[(task_id, attempt)] = text
 
     def _session(self, _caller: str) -> _Stream:
         self.streams.append(_Stream())
@@ -163,9 +168,17 @@ class CallerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def dispatch(self, data: Any) -> None:
         state = data.draw(st.sampled_from(self._open()))
-        state["attempt"] += 1
-        state["sent"] = 0  # a retry on the same expert replays its text from the start
         plan = state["call"].plan
+        if state["attempt"]:  # a retry: the hand-off settles what it continues
+            known = data.draw(st.booleans())  # the expert said what it had generated
+            answer = ANSWER[:state["sent"]] if known else None
+            self._records(plan.request_id, [Handoff(plan.primary.id, state["attempt"], answer)])
+            if not known:  # the caller said what it has; gone, it said nothing
+                reply = self.executor.replies.get((plan.primary.id, state["attempt"]))
+                if reply is not None:
+                    assert ANSWER.startswith(reply)
+                    state["sent"] = len(reply)
+        state["attempt"] += 1  # it continues from ANSWER[sent:]
         record = Dispatched(plan.primary.id, state["attempt"], "a", "a#0",
                             f"{plan.primary.id}:{state['attempt']}", "replica-a")
         self._records(plan.request_id, [record])

@@ -50,7 +50,7 @@ def _events() -> list[Any]:
         PlanEvent(request_id=RID, plan=plan),
         PrimaryDelta(request_id=RID, expert="general", delta="Hel", attempt=1),
         ExpertEvent(request_id=RID, result=code),  # arrives while the primary streams
-        PrimaryDelta(request_id=RID, expert="general", delta="Hello", attempt=2),
+        PrimaryDelta(request_id=RID, expert="general", delta="lo", attempt=2),
         PrimaryDelta(request_id=RID, expert="general", delta=" world.", attempt=2),
         ExpertEvent(request_id=RID, result=critic),
         FusionEvent(request_id=RID, strategy="append", content="Hello world.\n\n[code] def f()",
@@ -106,14 +106,14 @@ def test_iter_sse_roundtrip_of_model_events() -> None:
 
 def test_renderer_full_transcript() -> None:
     renderer, out, err = _render(_events())
-    assert renderer.exit_code == 0 and err == ""
+    assert renderer.exit_code == 0 and err == "[continued: attempt 2 on general]\n"
     assert not ANSI.search(out)
     order = ["plan plan-1", "── general (primary) ──", "── Experts ──",
              "── Fused answer (append) ──", "Failed experts:", f"done {RID}"]
     positions = [out.index(marker) for marker in order]
     assert positions == sorted(positions)
     assert "PARALLEL_LIMITED · primary general · experts code, critic" in out
-    assert "[retry: attempt 2 on general]\nHello world." in out
+    assert "── general (primary) ──\nHello world." in out  # a retry continues the answer
     assert renderer.primary_text == "Hello world."
     assert "● code  success · 1 attempt · 0.25s\n  def f():\n      return 1" in out
     assert "● critic  timeout · 3 attempts · 2.00s\n  error: deadline of 2.0s exceeded" in out
@@ -240,7 +240,7 @@ def test_http_ask_streams_and_exits_0(server: str, capsys: pytest.CaptureFixture
     code = main(["--url", server, "--api-key", "sk-test", "ask", "hi", "--expert", "code",
                  "--expert", "critic", "--strategy", "SERIAL", "--max-tokens", "16"])
     out, err = capsys.readouterr()
-    assert code == 0 and err == ""
+    assert code == 0 and err == "[continued: attempt 2 on general]\n"  # the retry, on stderr
     assert "Hello world." in out and f"done {RID}" in out and not ANSI.search(out)
     path, headers, body = _Handler.requests[0]
     assert path == "/v1/orchestrate"

@@ -18,7 +18,7 @@ def test_shipped_configs_load(name: str) -> None:
 
 def test_chaos_is_the_seed_schedule() -> None:
     config = load_config(ROOT / "config" / "chaos.yaml")
-    assert config.executor.task_timeout_s == 3
+    assert (config.executor.ttft_timeout_s, config.executor.stall_timeout_s) == (3, 3)
     for expert in config.experts:
         assert (expert.mock.fail_every, expert.mock.slow_every, expert.mock.slow_s) == (3, 5, 5.0)
     assert (config.executor.retry.attempts, config.executor.retry.initial_wait_s) == (3, 0.2)

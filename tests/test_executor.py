@@ -125,25 +125,42 @@ async def test_fifty_plans_respect_every_bound() -> None:
     assert executor["counters"]["dispatched"] == 200 == executor["counters"]["succeeded"]
 
 
-async def test_hanging_task_is_cancelled_at_its_deadline_and_retried() -> None:
+async def test_a_silent_attempt_is_cancelled_at_its_ttft_limit_and_never_retried_there() -> None:
     config = make_config(experts={"general": {"mock": {"hang_every": 1}}},
-                         executor={"retry": {"jitter": 0}})  # the seeds' exact waits
+                         executor={"ttft_timeout_s": 0.3})
     async with Client.local(config) as client:
-        events = [e async for e in client.stream("hello", timeout_s=0.3)]
-        done_or_error = events[-1]
-        assert done_or_error.type == "error" and done_or_error.code == "primary_timeout"
-        assert "after 3 attempt(s)" in done_or_error.message
+        events = [e async for e in client.stream("hello")]
+        error = events[-1]
+        assert error.type == "error" and error.code == "primary_timeout"
+        assert "no first token within 0.3s" in error.message
+        assert "no other replica" in error.message and "after 1 attempt(s)" in error.message
         team = client.team
         await until(lambda: _active(team, "general", 0), what="engine idle")
         stats = await _expert_stats(team, "general")
-        assert stats["cancelled"] == 3 and stats["requests"] == 3
+        assert stats["cancelled"] == 1 and stats["requests"] == 1  # the engine freed it
         executor = await team.executor.stats.remote()
-        assert executor["counters"]["timed_out"] == 1 and executor["counters"]["retried"] == 2
-        assert executor["outstanding_refs"] == 0
-        # The run() view of the same failure carries the terminal status and attempts.
+        assert executor["counters"]["timed_out"] == 1 and executor["outstanding_refs"] == 0
+
+
+async def test_the_deadline_cancels_and_no_retry_starts_after_it() -> None:
+    config = make_config(experts={"general": {"mock": {"hang_every": 1}}})
+    async with Client.local(config) as client:
+        team = client.team
+        before = (await team.executor.stats.remote())["counters"].get("dispatched", 0)
         _, results = await team.executor.run.remote(_single("general", 10, "r2", timeout_s=0.3))
-        assert results[0].status is TaskStatus.TIMEOUT and results[0].attempts == 3
-        assert results[0].retry_waits == [0.2, 0.4]
+        assert results[0].status is TaskStatus.TIMEOUT and results[0].attempts == 1
+        assert "deadline of 0.3s" in results[0].error
+        after = (await team.executor.stats.remote())["counters"]["dispatched"]
+        assert after - before == 1
+
+
+async def test_engine_errors_are_retried_with_the_seeds_waits() -> None:
+    config = make_config(experts={"general": {"mock": {"fail_every": 1}}},
+                         executor={"retry": {"jitter": 0}})  # the seeds' exact waits
+    async with Client.local(config) as client:
+        _, results = await client.team.executor.run.remote(_single("general", 10, "r3"))
+    assert results[0].status is TaskStatus.ERROR and results[0].attempts == 3
+    assert results[0].retry_waits == [0.2, 0.4]
 
 
 async def test_chaos_schedule_of_the_seeds() -> None:
@@ -162,13 +179,16 @@ async def test_chaos_schedule_of_the_seeds() -> None:
         if isinstance(terminal[0], DoneEvent):
             primary = terminal[0].primary
             # A failed primary is stood in for by a specialist (fusion), never lost.
-            assert primary.ok or (primary.attempts == 3 and primary.error)
+            assert primary.ok or (primary.attempts == 3 and primary.error) or (
+                primary.error_code == "stalled")
             assert [r.task_id for r in terminal[0].experts] == [t.id for t in plan.experts]
-        else:
-            assert "after 3 attempt(s)" in terminal[0].message
-            assert any(w in terminal[0].message for w in ("CUDA", "within 3s"))
+        else:  # engine errors, retried 3 times; or a stall, on its only replica
+            message = terminal[0].message
+            assert ("after 3 attempt(s)" in message and "CUDA" in message) or (
+                "no first token within 3s" in message and "no other replica" in message)
         for result in expert_results:
-            assert result.ok or (result.attempts == 3 and result.error)
+            assert result.ok or (result.attempts == 3 and result.error) or (
+                result.error_code == "stalled")
             # The seeds' 0.2 s / 0.4 s, each scaled by 1 ± 0.5 (the default jitter).
             assert len(result.retry_waits) == result.attempts - 1
             for wait, centre in zip(result.retry_waits, [0.2, 0.4], strict=False):
@@ -309,20 +329,26 @@ async def test_dead_primary_with_no_restarts_left_is_a_clear_503() -> None:
     assert "error" in stats["experts"]["general"]  # its stats say it is gone, not a hang
 
 
-async def test_fallback_after_partial_stream_restarts_the_answer() -> None:
-    # general streams 2-3 tokens then misses its 0.5 s deadline, three times; critic answers.
+async def test_a_stalled_primary_is_continued_by_its_fallback() -> None:
+    # general sends 3 tokens of 40, then no more: cancelled after the stall limit; it has
+    # no other replica, so critic continues the same answer.
     config = make_config(experts={"general": {
-        "fallback": "critic", "mock": {"tokens": 10, "ttft_s": 0.0, "token_latency_s": 0.2}}})
+        "fallback": "critic",
+        "mock": {"tokens": 40, "ttft_s": 0.0, "hang_every": 1, "fault_after_tokens": 3}},
+        "critic": {"mock": {"tokens": 24}}}, executor={"stall_timeout_s": 0.3})
     async with Client.local(config) as client:
-        events = await _events(client, "hello", timeout_s=0.5)
+        events = await _events(client, "hello")
+        stats = await _expert_stats(client.team, "general")
     done = events[-1]
     assert done.type == "done" and done.primary.ok
-    assert done.primary.served_by == ["general"] * 3 + ["critic"]
-    first = "".join(e.delta for e in events if e.type == "primary" and e.attempt == 1)
-    fallback = "".join(e.delta for e in events if e.type == "primary" and e.attempt == 4)
-    assert first.startswith("[general]") and fallback == done.primary.result
-    assert fallback.startswith("[critic]")  # whole, not cut where general had stopped
-    assert {e.attempt for e in events if e.type == "primary"} == {1, 4}  # retries replayed
+    assert done.primary.served_by == ["general", "critic"]
+    streamed = "".join(e.delta for e in events if e.type == "primary")
+    assert streamed == done.primary.result  # one answer, every piece once
+    assert streamed.startswith("[general]") and "[critic]" not in streamed
+    cut = done.primary.continued_from[1]
+    assert len(streamed[:cut].split()) == 3  # where general stalled
+    assert len(streamed.split()) == 24  # critic's mock: 24 tokens in all
+    assert stats["cancelled"] == 1  # the stalled request was cancelled in the engine
 
 
 async def test_an_engine_that_cannot_start_is_named() -> None:

@@ -213,3 +213,42 @@ def test_think_content_is_dropped_not_buffered(guard: ResponseGuard) -> None:
 def test_stream_guard_can_be_built_directly(guard: ResponseGuard) -> None:
     s = StreamGuard(guard)
     assert s.feed(f"x {AWS_KEY} y") + s.flush() == "x [REDACTED] y"
+
+
+# ------------------------------------------------------------------ across a failover
+
+
+async def test_a_secret_split_across_a_failover_is_still_caught() -> None:
+    """The primary broke off inside a key and its fallback continued it (docs/failover.md):
+    the guard's window spans the join, and fusion gets the continued answer, guarded."""
+    from orchestration.call import Call
+    from orchestration.config import parse_config
+    from orchestration.models import (
+        DoneEvent,
+        ExecutionPlan,
+        ExpertTask,
+        PlanEvent,
+        PrimaryDelta,
+        TaskResult,
+        TaskStatus,
+    )
+    from orchestration.pipeline import finish_stream
+
+    answer = f"[a] use {OPENAI_KEY} please"
+    cut = answer.index("sk-") + 6  # 6 characters of the key reached the caller from `a`
+    plan = ExecutionPlan(request_id="r", strategy="SERIAL",
+                         primary=ExpertTask(id="t", expert="a", prompt="p", role="primary"))
+    result = TaskResult(task_id="t", expert="a", role="primary", status=TaskStatus.SUCCESS,
+                        result=answer, served_by=["a", "b"], continued_from=[0, cut])
+
+    async def events():
+        yield PrimaryDelta(request_id="r", expert="a", delta=answer[:cut], attempt=1)
+        yield PrimaryDelta(request_id="r", expert="b", delta=answer[cut:], attempt=2)
+        yield DoneEvent(request_id="r", primary=result)
+
+    config = parse_config({"experts": [{"name": "a"}, {"name": "b"}], "router": {"primary": "a"}})
+    first = PlanEvent(request_id="r", plan=plan)
+    out = [e async for e in finish_stream(Call(None, plan=plan), first, events(), config)]
+    streamed = "".join(e.delta for e in out if e.type == "primary")
+    assert OPENAI_KEY[:6] not in streamed and "[REDACTED]" in streamed
+    assert streamed == out[-1].content == "[a] use [REDACTED] please"

@@ -95,3 +95,27 @@ async def test_history_keeps_only_the_latest_requests() -> None:
     assert (await engine.stats())["requests"] == HISTORY + 10  # counters count everything
     assert [rid for rid, _ in engine.history()] == [f"r{n}" for n in range(10, HISTORY + 10)]
     assert "seen" not in await engine.stats()  # /v1/stats stays the same size
+
+
+async def test_a_prefix_is_continued_with_more_words_and_no_new_marker() -> None:
+    engine = MockEngine("x", MockOptions(ttft_s=0, token_latency_s=0, tokens=10))
+    whole = await _text(engine, _request())
+    prefix = " ".join(whole.split(" ")[:3])  # its first 3 tokens
+    request = _request().model_copy(update={"prefix": prefix, "max_tokens": 100})
+    deltas = [d async for d in engine.stream(request)]
+    more = "".join(d.text for d in deltas)
+    assert more.startswith(" ") and "[x]" not in more and len(more.split()) == 7
+    assert deltas[0].prefix_tokens == 3 and deltas[0].prompt_tokens == 1 + 3
+    assert more == await _text(engine, request)  # deterministic
+    capped = [d async for d in engine.stream(request.model_copy(update={"max_tokens": 5}))]
+    assert sum(d.tokens for d in capped) == 2 and capped[-1].finish_reason == "length"
+
+
+async def test_a_fault_can_strike_mid_stream() -> None:
+    engine = MockEngine("x", MockOptions(ttft_s=0, token_latency_s=0, tokens=10,
+                                         fail_every=1, fault_after_tokens=4))
+    got: list[str] = []
+    with pytest.raises(EngineError):
+        async for delta in engine.stream(_request().model_copy(update={"max_tokens": 10})):
+            got.append(delta.text)
+    assert len("".join(got).split()) == 4 and engine.failed == 1  # at the 4th token, always

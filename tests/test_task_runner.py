@@ -14,11 +14,13 @@ from orchestration.errors import (
     BadRequestError,
     EngineError,
     ExpertUnavailableError,
+    StalledError,
     TaskCancelledError,
 )
+from orchestration.generation import Sampling
 from orchestration.models import ExpertTask, TaskStatus
 from orchestration.task_runner import TaskRun, TaskRunner
-from orchestration.wire import Completion, Dispatched, Retrying
+from orchestration.wire import Completion, Dispatched, Handoff, Retrying
 
 FAST = RetryConfig(attempts=3, initial_wait_s=0.001, multiplier=2.0, jitter=0)
 
@@ -39,17 +41,35 @@ class FakeExperts:
     calls: list[tuple[str, str]] = field(default_factory=list)  # (expert, key)
     cancelled: list[str] = field(default_factory=list)
     slots_held: int = 0
+    # A live caller's answers to hand-offs, in order (None: nobody reads the text live).
+    caller: list[str] | None = None
+    prefixes: list[str] = field(default_factory=list)  # each attempt's prefix
+
+    def live(self, task: ExpertTask) -> bool:
+        return self.caller is not None
+
+    async def delivered(self, task: ExpertTask, attempt: int) -> str:
+        assert self.caller is not None
+        return self.caller.pop(0)
+
+    replicas: int = 1  # per expert: #0, #1, ...
 
     @asynccontextmanager
-    async def slot(self, expert: str, task: ExpertTask) -> AsyncIterator[FakeLease]:
+    async def slot(self, expert: str, task: ExpertTask,
+                   avoid: frozenset[str] = frozenset()) -> AsyncIterator[FakeLease]:
+        label = next(f"{expert}#{i}" for i in range(self.replicas) if f"{expert}#{i}" not in avoid)
         self.slots_held += 1
         try:
-            yield FakeLease(expert, f"{expert}#0")
+            yield FakeLease(expert, label)
         finally:
             self.slots_held -= 1
 
+    def others(self, expert: str, avoid: frozenset[str]) -> bool:
+        return any(f"{expert}#{i}" not in avoid for i in range(self.replicas))
+
     async def invoke(self, lease: FakeLease, task: ExpertTask, key: str) -> Completion:
         self.calls.append((lease.expert, key))
+        self.prefixes.append(task.prefix)
         step = self.scripts[lease.expert].pop(0)
         try:
             if step == "hang":
@@ -59,7 +79,7 @@ class FakeExperts:
         except asyncio.CancelledError:
             self.cancelled.append(key)  # where Ray would `ray.cancel` the ref
             raise
-        return Completion(text=str(step), completion_tokens=3, prompt_tokens=2,
+        return Completion(text=task.prefix + str(step), completion_tokens=3, prompt_tokens=2,
                           finish_reason="stop", replica=lease.replica)
 
 
@@ -95,12 +115,42 @@ async def test_transient_error_then_success_is_retried_with_backoff() -> None:
     assert runner.counters == {"dispatched": 2, "retried": 1, "succeeded": 1}
 
 
-async def test_deadline_cancels_the_call_and_counts_as_a_timeout() -> None:
-    experts = FakeExperts({"a": ["hang", "hang", "hang"]})
-    result = await _runner(experts).run(TaskRun(_task(timeout_s=0.05)))
-    assert result.status is TaskStatus.TIMEOUT and result.attempts == 3
-    assert experts.cancelled == ["t:1", "t:2", "t:3"]  # every deadline reached the call
-    assert "within 0.05s" in result.error and result.error_code == "timeout"
+async def test_the_deadline_covers_the_whole_answer_and_starts_nothing_after_it() -> None:
+    experts = FakeExperts({"a": ["hang", "hang", "hang"], "b": ["never"]})
+    runner = _runner(experts, {"a": "b"})
+    result = await runner.run(TaskRun(_task(timeout_s=0.05)))
+    assert result.status is TaskStatus.TIMEOUT and result.attempts == 1
+    assert experts.cancelled == ["t:1"]  # the deadline reached the call ...
+    assert experts.calls == [("a", "t:1")]  # ... and nothing was retried, no fallback
+    assert "deadline of 0.05s" in result.error and result.error_code == "timeout"
+    assert runner.counters["dispatched"] == 1 and runner.counters["timed_out"] == 1
+
+
+async def test_no_retry_starts_once_the_deadline_has_passed() -> None:
+    slow = RetryConfig(attempts=3, initial_wait_s=0.2, jitter=0)  # the wait outlasts it
+    experts = FakeExperts({"a": [EngineError("a: CUDA"), "never"]})
+    runner = TaskRunner(experts, slow, {})
+    result = await runner.run(TaskRun(_task(timeout_s=0.1)))
+    assert result.status is TaskStatus.TIMEOUT and result.attempts == 1
+    assert runner.counters["dispatched"] == 1 and experts.calls == [("a", "t:1")]
+
+
+async def test_a_stalled_attempt_goes_to_another_replica_never_the_same() -> None:
+    stalled = StalledError("a: no new token for 2s after 5 tokens (attempt 1)")
+    experts = FakeExperts({"a": [stalled, "ok"]}, replicas=2)
+    result = await _runner(experts).run(TaskRun(_task()))
+    assert result.ok and result.replicas == ["a#0", "a#1"]
+
+
+async def test_a_stalled_attempt_with_no_other_replica_goes_to_the_fallback() -> None:
+    stalled = StalledError("a: no first token within 2s (attempt 1)")
+    experts = FakeExperts({"a": [stalled, "never"], "b": ["from b"]})
+    result = await _runner(experts, {"a": "b"}).run(TaskRun(_task()))
+    assert result.ok and result.served_by == ["a", "b"]
+    alone = FakeExperts({"a": [stalled, "never"]})
+    failed = await _runner(alone).run(TaskRun(_task()))
+    assert failed.status is TaskStatus.TIMEOUT and failed.error_code == "stalled"
+    assert "no other replica" in failed.error and failed.attempts == 1
 
 
 async def test_bad_input_is_neither_retried_nor_sent_to_the_fallback() -> None:
@@ -148,3 +198,59 @@ async def test_transient_errors_exhaust_to_an_error_result_with_the_last_reason(
     result = await _runner(experts).run(TaskRun(_task()))
     assert result.status is TaskStatus.ERROR and result.attempts == 3
     assert result.error == error.message and result.error_code == error.code
+
+
+# --------------------------------------------------------------------------- continuation
+
+
+def _failed(generated: str | None) -> EngineError:
+    error = EngineError("a: CUDA")
+    error.generated = generated
+    return error
+
+
+async def test_an_attempt_continues_what_the_failed_one_generated() -> None:
+    experts = FakeExperts({"a": [_failed("The cap"), _failed("ital of"), " France"]})
+    runner = _runner(experts)
+    result = await runner.run(TaskRun(_task()))
+    assert result.ok and result.result == "The capital of France"
+    assert experts.prefixes == ["", "The cap", "The capital of"]
+    assert result.continued_from == [0, 7, 14]
+    assert runner.continued == {"a": 2}
+
+
+async def test_a_process_that_died_with_its_text_is_continued_from_what_the_caller_has() -> None:
+    down = ExpertUnavailableError("a: expert process died or is restarting")
+    experts = FakeExperts({"a": [down], "b": ["rest"]}, caller=["Half an ans"])
+    records: list = []
+    result = await TaskRunner(experts, RetryConfig(attempts=1), {"a": "b"},
+                              lambda task, record: records.append(record)).run(TaskRun(_task()))
+    assert result.ok and result.result == "Half an ansrest"  # the fallback continued it
+    assert Handoff("t", 1, None) in records  # the caller was asked what it has
+    assert experts.prefixes == ["", "Half an ans"] and result.served_by == ["a", "b"]
+
+
+async def test_a_known_answer_is_handed_to_a_live_caller_without_asking() -> None:
+    experts, records = FakeExperts({"a": [_failed("abc"), "def"]}, caller=[]), []
+    result = await _runner(experts, records=records).run(TaskRun(_task()))
+    assert result.result == "abcdef" and Handoff("t", 1, "abc") in records
+
+
+def _structured() -> ExpertTask:
+    sampling = Sampling.model_validate({"response_format": {"type": "json_object"}})
+    return _task().model_copy(update={"sampling": sampling})
+
+
+async def test_a_structured_answer_seen_in_part_ends_with_a_clear_error() -> None:
+    experts = FakeExperts({"a": [_failed('{"a": 1'), "never"], "b": ["never"]},
+                          caller=['{"a": 1'])
+    result = await _runner(experts, {"a": "b"}).run(TaskRun(_structured()))
+    assert result.status is TaskStatus.ERROR and result.error_code == "answer_interrupted"
+    assert "7 characters had reached the caller" in result.error
+    assert experts.calls == [("a", "t:1")]  # no retry, no fallback
+
+
+async def test_a_structured_answer_nobody_saw_starts_over() -> None:
+    experts = FakeExperts({"a": [_failed('{"a": 1'), '{"a": 2}']}, caller=[""])
+    result = await _runner(experts).run(TaskRun(_structured()))
+    assert result.ok and result.result == '{"a": 2}' and experts.prefixes == ["", ""]

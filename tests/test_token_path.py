@@ -1,7 +1,7 @@
 """Coalescing and the caller's assembly never reorder, lose or duplicate text (no Ray).
 
 Property tests: random token sequences, random producer and consumer timing, random
-failure points, retries that resume and fallbacks that restart, and records that
+failure points, retries and fallbacks that continue the answer, and records that
 overtake (or lag behind) the text they are about.
 """
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from orchestration.assembly import Assembly
 from orchestration.coalesce import Channels, TextChannel
 from orchestration.models import ExecutionPlan, ExpertTask, PrimaryDelta, TaskResult, TaskStatus
-from orchestration.wire import Closed, Dispatched, Finished, Retrying
+from orchestration.wire import Closed, Dispatched, Finished, Handoff, Retrying
 
 TOKENS = st.lists(st.text(min_size=0, max_size=4), min_size=0, max_size=30)
 
@@ -125,64 +125,81 @@ def _result(text: str | None, served_by: list[str], ok: bool = True) -> TaskResu
 
 
 WORDS = st.lists(st.sampled_from(["a", "bc", " d", "éf", "🙂", ""]), min_size=1, max_size=12)
+ATTEMPTS = st.lists(st.tuples(st.sampled_from(["a", "b"]), WORDS, st.integers(0, 12),
+                              st.booleans()), min_size=1, max_size=5)
 
 
 @settings(max_examples=300, deadline=None)
-@given(text_a=WORDS, text_b=WORDS, failures=st.lists(st.integers(0, 12), max_size=3),
-       a_succeeds=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_deltas_resume_after_retries_restart_after_fallback_and_end_whole(
-        text_a, text_b, failures, a_succeeds, seed) -> None:
-    """Attempts on expert `a` fail after random prefixes; `a` finally succeeds, or the
-    fallback `b` answers. Text arrives in random chunks, late or early (even before its
-    attempt's `Dispatched`), relative to the records."""
+@given(attempts=ATTEMPTS, seed=st.integers(0, 2**32 - 1))
+def test_the_callers_text_is_always_a_prefix_of_the_answer_and_ends_equal_to_it(
+        attempts, seed) -> None:
+    """Attempts fail at random points (the last succeeds), on `a` or its fallback `b`;
+    each failure's hand-off knows the answer so far (the expert said) or asks the
+    caller. Each attempt continues the answer so far with its own words. Text arrives
+    in random pieces, early (before its `Dispatched`) or late (after its hand-off, or
+    the task's result). The caller's text is a prefix of the final answer at every
+    step, and equal to it at the end; no attempt's text is sent twice."""
     rng = random.Random(seed)
-    answer = {"a": "".join(text_a), "b": "".join(text_b)}
-    attempts = [("a", min(cut, len(answer["a"]))) for cut in failures]
-    attempts.append(("a", len(answer["a"])) if a_succeeds else ("b", len(answer["b"])))
-    final_expert = attempts[-1][0]
+    experts = sorted(expert for expert, *_ in attempts)  # `a` first, then the fallback
+    pending: list[tuple[float, int, tuple]] = []
+    seq = itertools.count()
+    prefix = {1: ""}  # attempt -> the answer it continues
+    final: list[str] = []
+    deltas: list[PrimaryDelta] = []
+    sent_after: list[str] = []  # the caller's text after every step
+
+    def schedule(n: int, at: float) -> None:
+        _, words, cut, known = attempts[n - 1]
+        expert, last = experts[n - 1], n == len(attempts)
+        generated = words if last else words[:cut]
+        heapq.heappush(pending, (at, next(seq), ("dispatched", n, expert)))
+        t = at - 3
+        for piece in generated:
+            t += rng.uniform(0, 8)
+            heapq.heappush(pending, (t, next(seq), ("text", f"t1:{n}", piece)))
+        if last:
+            answer = prefix[n] + "".join(words)
+            final.append(answer)
+            heapq.heappush(pending, (at + rng.uniform(0, 20), next(seq), (
+                "finished", _result(answer, experts))))
+        else:
+            handoff = prefix[n] + "".join(generated) if known else None
+            heapq.heappush(pending, (at + rng.uniform(0, 20), next(seq), ("handoff", n, handoff)))
 
     assembly = Assembly(_plan())
-    clock, seq = itertools.count(0, 10), itertools.count()
-    pending: list[tuple[float, int, tuple]] = []
-    for n, (expert, cut) in enumerate(attempts, start=1):
-        at = next(clock)
-        heapq.heappush(pending, (at, next(seq), ("dispatched", n, expert, cut)))
-        # The replica's session sends the attempt's whole text (from its start): random
-        # pieces, random latency, some before the record that dispatched it.
-        text, pos, t = answer[expert][:cut], 0, at - 3
-        while pos < len(text):
-            size = rng.randint(1, 4)
-            t += rng.uniform(0, 8)
-            heapq.heappush(pending, (t, next(seq), ("text", f"t1:{n}", text[pos:pos + size])))
-            pos += size
-        if n < len(attempts):
-            heapq.heappush(pending, (at + 5, next(seq), ("retrying", n, expert)))
-    served = [e for e, _ in attempts]
-    heapq.heappush(pending, (next(clock) - 5, next(seq), (
-        "finished", _result(answer[final_expert], served))))
-    heapq.heappush(pending, (next(clock), next(seq), ("closed",)))
-
-    deltas: list[PrimaryDelta] = []
+    schedule(1, 0)
     while pending:
-        at, _, item = heapq.heappop(pending)
+        now, _, item = heapq.heappop(pending)
         if item[0] == "dispatched":
-            _, n, expert, cut = item
+            _, n, expert = item
             step = assembly.on_records([Dispatched("t1", n, expert, f"{expert}#0", f"t1:{n}",
                                                    f"actor-{expert}")])
             assert step.read == [f"actor-{expert}"]
             events = step.events
         elif item[0] == "text":
             events = assembly.on_text(item[1], item[2])
-        elif item[0] == "retrying":
-            events = assembly.on_records([Retrying("t1", item[1], item[2], 0.2, "boom")]).events
+        elif item[0] == "handoff":
+            _, n, known = item
+            step = assembly.on_records([Handoff("t1", n, known),
+                                        Retrying("t1", n, experts[n - 1], 0.2, "boom")])
+            if known is None:  # the caller says what it has: the next attempt continues it
+                assert [(task, attempt) for task, attempt, _ in step.replies] == [("t1", n)]
+                prefix[n + 1] = step.replies[0][2]
+            else:
+                assert step.replies == []
+                prefix[n + 1] = known
+            events = step.events
+            schedule(n + 1, now + 2)
         elif item[0] == "finished":
             events = assembly.on_records([Finished(item[1])]).events
+            heapq.heappush(pending, (now + 30, next(seq), ("closed",)))
         else:
             events = assembly.on_records([Closed()]).events
         deltas += [e for e in events if isinstance(e, PrimaryDelta)]
+        sent_after.append("".join(d.delta for d in deltas))
 
+    (answer,) = final
+    assert all(answer.startswith(sent) for sent in sent_after)
+    assert sent_after[-1] == answer
+    assert all(answer.startswith(p) for p in prefix.values())
     assert [d.attempt for d in deltas] == sorted(d.attempt for d in deltas)
-    final = "".join(d.delta for d in deltas if d.expert == final_expert)
-    assert final == answer[final_expert]
-    if final_expert == "b":  # what `a` had streamed before the fallback: a prefix, once
-        assert answer["a"].startswith("".join(d.delta for d in deltas if d.expert == "a"))

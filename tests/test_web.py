@@ -80,6 +80,10 @@ def chaos_url(base_url, serve_port: int, tmp_path_factory) -> Iterator[str]:
     for expert in data["experts"]:
         if expert["name"] == "critic":  # a new dict: the YAML anchor shares one between experts
             expert["mock"] = {**expert["mock"], "fail_every": 1}
+        if expert["name"] == "math":  # breaks off after 4 tokens; general continues it
+            expert["fallback"] = "general"
+            expert["mock"] = {**expert["mock"], "fail_every": 1, "fault_after_tokens": 4,
+                              "slow_every": 0}
     data.setdefault("server", {})["api_key"] = KEY
     path = tmp_path_factory.mktemp("cfg") / "chaos.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -272,6 +276,31 @@ def test_chaos_failed_card_shows_reason_and_attempts_behind_the_api_key(
     expect(page.locator("#tile-failures .value")).to_have_text("1")
     expect(page.locator("#tile-retries .value")).to_have_text("2")
     expect(key).to_be_hidden()
+
+
+def test_a_fallback_continues_the_answer_on_the_page(chaos_url, page) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{chaos_url}/")
+    page.locator("#key-panel input").fill(KEY)
+    page.locator("#key-panel button").click()
+    expect(page.locator("#expert-choices input")).to_have_count(4)
+    page.fill("#prompt", "calculate the sum")
+    page.select_option("#primary", "math")
+    page.uncheck("#experts-auto")
+    with page.expect_response(lambda r: r.url.endswith("/v1/orchestrate")) as sent:
+        page.click("#send")
+    expect(page.locator("#answer-panel")).to_have_attribute("data-state", "done")
+    events = list(iter_sse(sent.value.text().splitlines()))
+    kind, done = events[-1]
+    assert kind == "done" and done["primary"]["served_by"][-1] == "general"
+    text = page.inner_text("#primary-text")
+    assert text == done["primary"]["result"]  # one answer: math's start, general's rest
+    assert text.startswith("[math]") and "[general]" not in text
+    expect(page.locator("#primary-panel .who")).to_have_text("general")
+    cuts = [str(n) for n in done["primary"]["continued_from"] if n]
+    expect(page.locator("#primary-panel .meta")).to_contain_text(
+        f"continued at {', '.join(cuts)} chars")
 
 
 # --------------------------------------------------------------------------- operations

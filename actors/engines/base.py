@@ -31,8 +31,11 @@ class Delta:
     tokens: int = 1
     # Set on the last delta of a choice: `stop` (natural end or a stop sequence) or `length`.
     finish_reason: str | None = None
-    # The prompt's length in the engine's tokens (on the first delta, when known).
+    # The prompt's length in the engine's tokens (on the first delta, when known); with
+    # a `prefix`, the prompt includes it.
     prompt_tokens: int | None = None
+    # A continuation's `prefix` in the engine's tokens (on the first delta).
+    prefix_tokens: int | None = None
     # Which choice (0 .. n-1) this piece belongs to.
     index: int = 0
     # When asked: one entry per token of this delta, OpenAI's chat shape
@@ -53,6 +56,10 @@ class GenerationRequest(BaseModel):
     # with the model's chat template; or `prompt`, the model's raw input (no template).
     messages: list[dict[str, Any]] = Field(default_factory=list)
     prompt: str | None = None
+    # The start of the answer, already delivered (a failed attempt's): the engine
+    # continues it — the final assistant turn of the chat, or text appended to a raw
+    # prompt — and yields only what follows. `max_tokens` counts the prefix's tokens.
+    prefix: str = ""
     max_tokens: int = 256
     temperature: float = 0.7
     seed: int | None = None
@@ -76,8 +83,8 @@ class GenerationRequest(BaseModel):
     def sampling_seed(self) -> int | None:
         """The caller's seed, else one derived from `sampling_key`.
 
-        A retried attempt of the same task then samples the same text, so the executor
-        can resume a stream where the failed attempt stopped without a visible seam.
+        Every attempt of one task samples with the same seed (a continuation picks up
+        the same sampling stream's style; a retry that starts over replays its text).
         """
         if self.seed is not None or not self.sampling_key:
             return self.seed

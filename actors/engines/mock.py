@@ -4,7 +4,9 @@ Faults follow the request counter, as in the seed's `mockWebLLMEngine`: every
 `fail_every`-th request raises a simulated CUDA error, every `slow_every`-th sleeps
 `slow_s` first, every `crash_every`-th exits the process mid-generation (as a CUDA
 fault would), every `hang_every`-th never finishes until cancelled, and every
-`garbage_every`-th emits noise. The counter lives in the process, so it restarts from
+`garbage_every`-th emits noise; a fault strikes before the first token, or after
+`fault_after_tokens` of them. A request with a `prefix` continues it with more words
+(no expert marker), up to `tokens` in all. The counter lives in the process, so it restarts from
 zero when Ray restarts a crashed actor.
 
 Tokens come due on a schedule (`ttft_s`, then one every `token_latency_s`); each
@@ -46,11 +48,20 @@ def mock_text(expert: str, prompt: str, seed: int, tokens: int) -> list[str]:
     return [w if i == 0 else f" {w}" for i, w in enumerate(words)]
 
 
+def continuation(expert: str, prompt: str, prefix: str, seed: int, tokens: int) -> list[str]:
+    """Deterministic words that continue `prefix` (no expert marker: the answer goes on)."""
+    digest = hashlib.sha256(f"{expert}\x00{prompt}\x00{prefix}\x00{seed}".encode()).digest()
+    rng = random.Random(digest)
+    return [f" {rng.choice(_WORDS)}" for _ in range(max(tokens, 0))]
+
+
 def count_tokens(request: GenerationRequest) -> int:
-    """The mock's prompt tokens: whitespace-separated words of every turn (or the raw prompt)."""
+    """The mock's prompt tokens: whitespace-separated words of every turn (or the raw
+    prompt), and of the prefix a continuation continues."""
+    words = len(request.prefix.split())
     if request.prompt is not None:
-        return len(request.prompt.split())
-    return sum(len(str(m.get("content") or "").split()) for m in request.messages)
+        return words + len(request.prompt.split())
+    return words + sum(len(str(m.get("content") or "").split()) for m in request.messages)
 
 
 def _pieces(text: str, size: int = 4) -> list[str]:
@@ -98,21 +109,23 @@ class MockEngine:
         self.seen.append((request.request_id, request.rank))
         self.active += 1
         self.peak_active = max(self.peak_active, self.active)
+        fault = next((kind for kind, every in (("fail", opts.fail_every),
+                                               ("crash", opts.crash_every),
+                                               ("hang", opts.hang_every))
+                      if self._due(every, n)), None)
         try:
-            if self._due(opts.fail_every, n):
-                await asyncio.sleep(0.05)
-                self.failed += 1
-                raise EngineError(f"{self.name}: {opts.fail_message} (request #{n})")
-            if self._due(opts.crash_every, n):
-                await asyncio.sleep(opts.ttft_s)
-                os._exit(17)  # a CUDA fault takes the whole worker process down
-            if self._due(opts.hang_every, n):
-                await asyncio.Event().wait()
+            if fault is not None and not opts.fault_after_tokens:
+                await self._strike(fault, n)
             if self._due(opts.slow_every, n):
                 await asyncio.sleep(opts.slow_s)
             await asyncio.sleep(opts.ttft_s)
-            async for delta in self._deltas(request, n):
+            sent = 0
+            cut = opts.fault_after_tokens if fault is not None else None
+            async for delta in self._deltas(request, n, cut):
                 yield delta
+                sent += delta.tokens
+                if fault is not None and sent >= opts.fault_after_tokens:
+                    await self._strike(fault, n)  # mid-stream (once: it never returns)
             self.completed += 1
         except (asyncio.CancelledError, GeneratorExit):
             # The deadline or a caller that went away: count it so tests can verify
@@ -121,6 +134,17 @@ class MockEngine:
             raise
         finally:
             self.active -= 1
+
+    async def _strike(self, fault: str, n: int) -> None:
+        """The scheduled fault of request #n: raise, exit the process, or hang."""
+        if fault == "fail":
+            await asyncio.sleep(0.05)
+            self.failed += 1
+            raise EngineError(f"{self.name}: {self.options.fail_message} (request #{n})")
+        if fault == "crash":
+            await asyncio.sleep(self.options.ttft_s)
+            os._exit(17)  # a CUDA fault takes the whole worker process down
+        await asyncio.Event().wait()  # hang: until cancelled
 
     def _tokens(self, request: GenerationRequest, n: int, choice: int) -> list[str]:
         """Every token this choice would produce if nothing cut it."""
@@ -135,6 +159,10 @@ class MockEngine:
             tool = request.sampling.tools[0].function  # type: ignore[index]
             call = {"name": tool.name, "arguments": example_instance(tool.parameters)}
             return _pieces(f"<tool_call>{json.dumps(call)}</tool_call>")
+        if request.prefix:  # a continuation: as many more words as the answer lacks
+            have = len(request.prefix.split())
+            return continuation(self.name, request.key_text(), request.prefix, seed,
+                                opts.tokens - have)
         text = mock_text(self.name, request.key_text(), seed, opts.tokens)
         if self._due(opts.garbage_every, n):
             rng = random.Random(n)
@@ -148,8 +176,9 @@ class MockEngine:
         """The tokens this choice emits and why it ends: `max_tokens`, then `stop`."""
         tokens = self._tokens(request, n, choice)
         reason = "stop"
-        if len(tokens) > request.max_tokens:
-            tokens, reason = tokens[: request.max_tokens], "length"
+        room = request.max_tokens - len(request.prefix.split())  # the prefix counts
+        if len(tokens) > room:
+            tokens, reason = tokens[: max(room, 0)], "length"
         text = "".join(tokens)
         cuts = [text.find(s) for s in request.sampling.stop if s in text]
         if cuts:  # like vLLM: the text ends before the stop string, which is not sent
@@ -162,8 +191,10 @@ class MockEngine:
             tokens, reason = kept, "stop"
         return tokens, reason
 
-    async def _deltas(self, request: GenerationRequest, n: int) -> AsyncIterator[Delta]:
-        """Token i is due at start + i x latency; each delta takes every token due now.
+    async def _deltas(self, request: GenerationRequest, n: int,
+                      cut: int | None = None) -> AsyncIterator[Delta]:
+        """Token i is due at start + i x latency; each delta takes every token due now,
+        but never past token `cut` (a fault strikes there, at the same token every time).
         Choices (`sampling.n`) are generated one after another."""
         prompt_tokens = count_tokens(request)
         latency = self.options.token_latency_s
@@ -178,15 +209,17 @@ class MockEngine:
                     await asyncio.sleep(wait)
                 now = loop.time()
                 j = min(i + 1, len(tokens))
-                while j < len(tokens) and start + j * latency <= now:
+                while j < len(tokens) and start + j * latency <= now and j != cut:
                     j += 1
                 last = j == len(tokens)
                 self.tokens_out += j - i
                 logprobs = ([_logprob(t, choice, k, request.sampling.top_logprobs)
                              for k, t in enumerate(tokens[i:j], i)]
                             if request.sampling.logprobs else None)
+                first = i == 0 and choice == 0
                 yield Delta("".join(tokens[i:j]), j - i, finish_reason=reason if last else None,
-                            prompt_tokens=prompt_tokens if i == 0 and choice == 0 else None,
+                            prompt_tokens=prompt_tokens if first else None,
+                            prefix_tokens=len(request.prefix.split()) if first else None,
                             index=choice, logprobs=logprobs)
                 if last:
                     break

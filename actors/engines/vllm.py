@@ -159,21 +159,36 @@ class VLLMEngine:
 
     def _prompt(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
         """(engine input, whether to add special tokens): the chat rendered with the
-        model's own template, or a raw prompt as is (tokenized with BOS and all)."""
+        model's own template, or a raw prompt as is (tokenized with BOS and all). A
+        `prefix` is continued: appended to a raw prompt, or the final assistant turn
+        of the chat, rendered open (`continue_final_message`, no generation prompt)."""
         if request.prompt is not None:
-            text, raw = request.prompt, True
+            text, raw = request.prompt + request.prefix, True
         else:
             tools = request.sampling.tools
+            messages, more = request.messages, {"add_generation_prompt": True}
+            if request.prefix:
+                messages = [*messages, {"role": "assistant", "content": request.prefix}]
+                more = {"add_generation_prompt": False, "continue_final_message": True}
             text = self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True,
+                messages, tokenize=False, **more,
                 # Templates that know tools render them; others ignore the argument.
                 tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None)
+            kept = request.prefix.rstrip()
+            if request.prefix != kept and text.endswith(kept):  # the template trimmed it
+                text += request.prefix[len(kept):]  # the continuation starts after it all
             raw = False
         self.rendered.append((request.request_id, text))
         return {"prompt": text}, raw
 
-    def _params(self, request: GenerationRequest) -> Any:
-        """vLLM's SamplingParams for everything the caller asked (docs/openai.md)."""
+    def _prefix_tokens(self, request: GenerationRequest) -> int:
+        if not request.prefix:
+            return 0
+        return len(self.tokenizer.encode(request.prefix, add_special_tokens=False))
+
+    def _params(self, request: GenerationRequest, prefix_tokens: int = 0) -> Any:
+        """vLLM's SamplingParams for everything the caller asked (docs/openai.md); the
+        tokens of a continued prefix count against `max_tokens`."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -183,7 +198,7 @@ class VLLMEngine:
                  if v is not None}
         return SamplingParams(
             n=sampling.n,
-            max_tokens=request.max_tokens,
+            max_tokens=max(request.max_tokens - prefix_tokens, 1),
             temperature=request.temperature,
             top_p=sampling.top_p,
             presence_penalty=sampling.presence_penalty,
@@ -213,7 +228,8 @@ class VLLMEngine:
             raise EngineError(f"expert {self.name}: vLLM engine is dead")
         try:
             prompt, raw = self._prompt(request)
-            params = self._params(request)
+            prefix_tokens = self._prefix_tokens(request)
+            params = self._params(request, prefix_tokens)
         except (VLLMClientError, ValueError) as exc:  # e.g. an unusable JSON schema
             field = _field_of(exc, request)
             raise BadRequestError(f"{field}: expert {self.name}: {exc}", field=field) from None
@@ -251,6 +267,7 @@ class VLLMEngine:
                         yield Delta(completion.text, len(completion.token_ids),
                                     finish_reason=completion.finish_reason,
                                     prompt_tokens=first_prompt, index=completion.index,
+                                    prefix_tokens=prefix_tokens if first_prompt else None,
                                     logprobs=_logprobs(completion, request.sampling.top_logprobs)
                                     if request.sampling.logprobs else None)
                         first_prompt = None

@@ -19,6 +19,9 @@ function attemptsText(result) {
   // Each attempt's replica (e.g. general#0) where the server says, else its expert.
   const who = result.replicas?.length ? result.replicas : result.served_by || [];
   if (who.length) parts.push(`served by ${who.join(" → ")}`);
+  // Where each later attempt took the answer over (docs/failover.md), in characters.
+  const cuts = (result.continued_from || []).filter((n) => n > 0);
+  if (cuts.length) parts.push(`continued at ${cuts.join(", ")} chars`);
   if (result.retry_waits && result.retry_waits.length) {
     parts.push(`retried after ${result.retry_waits.map(Chorus.seconds).join(", ")}`);
   }
@@ -99,10 +102,9 @@ class Run {
 
   on_primary({ expert, delta, attempt }) {
     const text = document.getElementById("primary-text");
-    if (expert !== this.primaryExpert) {  // a fallback expert starts the answer over
-      text.replaceChildren();
+    if (expert !== this.primaryExpert) {  // a fallback expert continues the same answer
       this.primary.querySelector(".meta").textContent =
-        `${this.primaryExpert} failed; ${expert} answers instead (attempt ${attempt}).`;
+        `${this.primaryExpert} failed; ${expert} continues the answer (attempt ${attempt}).`;
       this.primaryExpert = expert;
       this.primary.querySelector(".who").textContent = expert;
     }
