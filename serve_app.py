@@ -10,7 +10,6 @@ error shape (`{"error": {message, type, param, code}}`), unknown routes, wrong m
 and a draining server included.
 """
 
-import hmac
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ from orchestration.errors import (
     NotFoundError,
     ShuttingDownError,
     TaskCancelledError,
-    UnauthorizedError,
 )
 from orchestration.http_input import correlation_id, parse_body, too_large
 from orchestration.models import OrchestrateRequest, new_id
@@ -59,6 +57,7 @@ from orchestration.openai_compat import (
 )
 from orchestration.openai_output import Shape
 from orchestration.openai_output import stream as openai_stream
+from orchestration.tenants import Keyring
 from orchestration.web import page_options, pages
 
 logger = logging.getLogger("ray.serve")
@@ -160,7 +159,8 @@ class ChorusIngress:
 
     async def __init__(self, config_path: str | None = None, deployed_at: float = 0.0) -> None:
         self.config: ChorusConfig = load_config(config_path)
-        self.api_key = os.environ.get("CHORUS_API_KEY") or self.config.server.api_key
+        self.keys = Keyring.build(self.config.tenants,
+                                  os.environ.get("CHORUS_API_KEY") or self.config.server.api_key)
         self.app_name = serve.get_replica_context().app_name or "chorus"
         self.team = await Team.start(self.config, name=f"chorus-{self.app_name}",
                                      app=self.app_name, deployed_at=deployed_at)
@@ -182,19 +182,17 @@ class ChorusIngress:
 
     # ------------------------------------------------------------------ admission
 
+    def _authorize(self, request: Request) -> None:
+        """With keys configured, the caller's key names its tenant, or 401."""
+        request.state.tenant = self.keys.caller(request.headers)
+
     def _admit(self, request: Request) -> Call:
         """Auth, then a server-unique id and the request's one state (its `Call`); the
         caller's X-Request-ID is only a label."""
         request.state.retry_after = self.config.server.retry_after_s
         request.state.team = self.team  # for a hang-up seen by an exception handler
         call = request.state.call = Call(None)
-        if self.api_key:
-            sent = request.headers.get("authorization", "")
-            token = sent[7:] if sent.lower().startswith("bearer ") else request.headers.get(
-                "x-api-key", "")
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                what = "wrong API key" if token else "missing API key (Authorization: Bearer …)"
-                raise UnauthorizedError(what, field="authorization")
+        self._authorize(request)
         request.state.correlation_id = correlation_id(
             request.headers.get("x-request-id"), self.config.server.max_correlation_id_chars)
         request.state.request_id = new_id("req")
@@ -301,15 +299,17 @@ class ChorusIngress:
         return JSONResponse(shape.completion(final, fusion), headers={ID_HEADER: rid})
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         created = int(time.time())
         names = [TEAM_MODEL, *self.team.config.expert_names]
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "chorus"} for n in names]}
 
     @api.get("/v1/models/{model}")
-    async def model(self, model: str) -> dict[str, Any]:
+    async def model(self, model: str, request: Request) -> dict[str, Any]:
         """One model (OpenAI's `models.retrieve`): the team or one of its experts."""
+        self._authorize(request)
         check_model(model, self.team.config.expert_names)
         return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "chorus"}
 
@@ -338,7 +338,7 @@ class ChorusIngress:
     @api.get("/v1/options")
     async def options(self) -> dict[str, Any]:
         """The team and the request options, for the playground's form."""
-        return page_options(self.team.config, auth=bool(self.api_key))
+        return page_options(self.team.config, auth=self.keys.required)
 
     # ------------------------------------------------------------------ Python handle API
 

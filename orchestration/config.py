@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from orchestration.errors import ConfigError, FieldError, format_validation_error
 from orchestration.models import ExecutionStrategy
+from orchestration.tenants import TenantConfig
 
 DEFAULT_CONFIG = "config/mock.yaml"
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -345,9 +346,14 @@ class ChorusConfig(_Section):
     stream: StreamConfig = Field(default_factory=StreamConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tenants: list[TenantConfig] = Field(default_factory=list)  # orchestration/tenants.py
 
     @model_validator(mode="after")
     def _references(self) -> ChorusConfig:
+        tenants = [t.name for t in self.tenants]
+        for i, name in enumerate(tenants):
+            if name in tenants[:i] or name == "default" and self.server.api_key:
+                raise FieldError(f"tenants[{i}].name", f"duplicate tenant name {name!r}")
         names = [e.name for e in self.experts]
         for i, name in enumerate(names):
             if name in names[:i]:

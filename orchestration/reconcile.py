@@ -34,7 +34,7 @@ from orchestration.config import ChorusConfig, ExpertConfig
 ACTOR_FIELDS = ("backend", "model", "max_concurrency", "max_restarts", "resources",
                 "mock", "tool_parser", "engine", "env")
 # Sections the router never reads (the router is re-created when anything else changes).
-_NOT_ROUTED = {"server", "stream", "supervision", "scaling", "fusion", "guard"}
+_NOT_ROUTED = {"server", "stream", "supervision", "scaling", "fusion", "guard", "tenants"}
 _EXPERT_NOT_ROUTED = {*ACTOR_FIELDS, "num_gpus", "replicas"}
 # Keys that only a fresh start of the team applies.
 RESTART_KEYS = ("executor.resources", "executor.max_concurrent_plans", "server.namespace")

@@ -42,6 +42,9 @@ from orchestration.serve_env import serve_env  # noqa: E402
 
 for _key, _value in serve_env().items():
     os.environ.setdefault(_key, _value)
+# A tenant's key held in the ingress's environment (tests/test_tenants.py, `key_env`):
+# set before Ray starts, so every worker process has it.
+os.environ.setdefault("CHORUS_TEST_TENANT_KEY", "sk-beta-from-env-0123")
 # LiteLLM fetches a model cost map at import unless told to use its bundled copy: the
 # tests never rely on the network.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
