@@ -136,6 +136,7 @@ def test_a_fallback_continues_the_answer_on_the_chorus_stream(url: str) -> None:
     assert text.startswith("[code]") and text.count("[code]") == 1 and "[general]" not in text
     assert len(text.split()) == 24  # code's 15 tokens, then general's words up to 24
     assert len(text[:cuts[1]].split()) == 5  # each code attempt broke off after 5 tokens
+    assert primary["tokens"] == 24  # usage: every token the caller received, once
     stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
     assert stats["experts"]["code"]["continuations"] >= 2
     assert stats["experts"]["general"]["continuations"] >= 1
@@ -150,6 +151,10 @@ def test_openai_streams_the_same_one_answer_as_a_plain_request(url: str) -> None
     chunks = client.chat.completions.create(model="code", messages=messages, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == plain.choices[0].message.content
+    # Usage counts each token of the answer once; the prompt is the last attempt's, with
+    # the text it continued.
+    assert plain.usage.completion_tokens == 24
+    assert plain.usage.prompt_tokens > 2 + 15  # "write python", then the 15 tokens it continued
     before = streamed[: streamed.index(" ", len("[code]") + 1)]  # text before the failure
     assert streamed.count("[code]") == 1 and streamed.startswith(before)
     assert "[general]" not in streamed
