@@ -31,9 +31,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from bench_stack import closed_loop  # the same closed loop as the stack bench
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS, TOKEN_S, CLIENTS = 64, 0.005, 64
@@ -107,26 +108,10 @@ def cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tu
 # ---------------------------------------------------------------------- load
 
 
-async def closed_loop(one: Any, seconds: float, clients: int = CLIENTS) -> tuple[int, float]:
-    """Requests completed by `clients` callers in `seconds`, and the elapsed time."""
-    stop = time.perf_counter() + seconds
-    done = 0
-
-    async def client() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            await one()
-            done += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return done, time.perf_counter() - started
-
-
 async def measure(one: Any, seconds: float, warmup_s: float) -> dict[str, Any]:
-    await closed_loop(one, warmup_s)
+    await closed_loop(one, warmup_s, CLIENTS)
     before = cpu_by_pid()
-    done, elapsed = await closed_loop(one, seconds)
+    done, elapsed = await closed_loop(one, seconds, CLIENTS)
     after = cpu_by_pid()
     return {"requests": done, "seconds": round(elapsed, 2), "rps": round(done / elapsed, 1),
             "cpu_ms_per_request": cpu_ms_per_request(before, after, done)}

@@ -66,6 +66,13 @@ class BareRelay:
 
 async def _closed_loop(one: Any, seconds: float, clients: int = CLIENTS) -> float:
     """Requests per second of `clients` callers each sending the next when one ends."""
+    done, elapsed = await closed_loop(one, seconds, clients)
+    return done / elapsed
+
+
+async def closed_loop(one: Any, seconds: float, clients: int = CLIENTS) -> tuple[int, float]:
+    """Requests completed by `clients` callers in `seconds` (each sending the next when
+    one ends), and the time that took."""
     stop = time.perf_counter() + seconds
     done = 0
 
@@ -77,7 +84,7 @@ async def _closed_loop(one: Any, seconds: float, clients: int = CLIENTS) -> floa
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - started)
+    return done, time.perf_counter() - started
 
 
 async def _bare_rps(slots: int, hops: int, seconds: float) -> float:
