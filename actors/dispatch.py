@@ -23,11 +23,7 @@ import ray
 
 from actors.actor_table import ray_state
 from actors.boundary import translate
-from orchestration.errors import (
-    AnswerInterruptedError,
-    ExpertUnavailableError,
-    TaskCancelledError,
-)
+from orchestration.errors import ExpertUnavailableError, TaskCancelledError
 from orchestration.models import ExpertTask
 from orchestration.replicas import Replica, ReplicaPool
 from orchestration.slots import SlotScheduler
@@ -156,15 +152,11 @@ class RayDispatcher:
 
     async def delivered(self, task: ExpertTask, attempt: int) -> str:
         """The live caller's text of the answer (its reply to the `Handoff` record the
-        runner just sent), waiting at most the task's timeout."""
+        runner just sent); the runner bounds the wait by the task's deadline."""
         slot = (task.id, attempt)
         future = self._handoffs[slot] = asyncio.get_running_loop().create_future()
         try:
-            return await asyncio.wait_for(future, task.timeout_s)
-        except TimeoutError:
-            raise AnswerInterruptedError(
-                f"{task.expert}: the answer broke off and its caller did not say within "
-                f"{task.timeout_s:g}s what it had received") from None
+            return await future
         finally:
             self._handoffs.pop(slot, None)
 

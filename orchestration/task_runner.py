@@ -252,14 +252,24 @@ class TaskRunner:
                 lease.outcome = "failed"  # a replica that stalls is not healthy
                 raise
 
+    async def _delivered(self, expert: str, state: TaskRun) -> str:
+        """The live caller's text, waited for within the task's deadline."""
+        try:
+            async with asyncio.timeout(max(state.remaining_s(), 0)):
+                return await self.dispatcher.delivered(state.task, state.attempts)
+        except TimeoutError:
+            raise DeadlineError(
+                f"{expert}: the answer broke off and its caller did not say what it had "
+                f"received within the deadline of {state.task.timeout_s:g}s "
+                f"(attempt {state.attempts})") from None
+
     async def _hand_off(self, expert: str, state: TaskRun, exc: TransientError) -> None:
         """Settle the answer the next attempt continues (see the module's docstring)."""
         task, why = state.task, cannot_continue(state.task)
         known = None if why or exc.generated is None else state.answer + exc.generated
         if self.dispatcher.live(task):
             self.notify(task, Handoff(task.id, state.attempts, known))
-            answer = known if known is not None else await self.dispatcher.delivered(
-                task, state.attempts)
+            answer = known if known is not None else await self._delivered(expert, state)
             if why and answer:
                 raise AnswerInterruptedError(
                     f"{expert}: the answer broke off after {len(answer)} characters had "

@@ -50,6 +50,8 @@ class FakeExperts:
 
     async def delivered(self, task: ExpertTask, attempt: int) -> str:
         assert self.caller is not None
+        if not self.caller:  # a caller that never answers
+            await asyncio.Event().wait()
         return self.caller.pop(0)
 
     replicas: int = 1  # per expert: #0, #1, ...
@@ -254,3 +256,13 @@ async def test_a_structured_answer_nobody_saw_starts_over() -> None:
     experts = FakeExperts({"a": [_failed('{"a": 1'), '{"a": 2}']}, caller=[""])
     result = await _runner(experts).run(TaskRun(_structured()))
     assert result.ok and result.result == '{"a": 2}' and experts.prefixes == ["", ""]
+
+
+async def test_a_caller_that_never_says_what_it_has_ends_the_task_at_its_deadline() -> None:
+    down = ExpertUnavailableError("a: expert process died or is restarting")
+    experts = FakeExperts({"a": [down, "never"]}, caller=[])  # live, and silent
+    runner = _runner(experts)
+    result = await runner.run(TaskRun(_task(timeout_s=0.1)))
+    assert result.status is TaskStatus.TIMEOUT and result.attempts == 1
+    assert "did not say what it had received" in result.error
+    assert runner.counters["dispatched"] == 1  # nothing was started after the deadline
