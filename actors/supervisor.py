@@ -130,15 +130,19 @@ class Supervisor(Periodic):
             reason = translate(exc, actor=member.label).message
         else:
             self._pings.pop(member.label, None)
-            pid = answer.get("pid")
-            if life.pid is not None and pid != life.pid:  # Ray restarted it in between
-                _, life.ray_restarts = await asyncio.to_thread(ray_state, member.handle)
-                if member.role == "executor":
-                    self.registry.publish_all()  # it came back with its first handles
-            life.pid = pid
-            life.ready(now, self.config)
+            await self._answered(member, answer)
             return
         await self._down(member, reason, now)
+
+    async def _answered(self, member: Member, answer: dict[str, Any]) -> None:
+        """It answered: ready; a new pid means Ray restarted it in between."""
+        life = member.life
+        if life.pid is not None and answer.get("pid") != life.pid:
+            _, life.ray_restarts = await asyncio.to_thread(ray_state, member.handle)
+            if member.role == "executor":
+                self.registry.publish_all()  # it came back with its first handles
+        life.pid = answer.get("pid")
+        life.ready(time.monotonic(), self.config)
 
     async def _down(self, member: Member, reason: str, now: float) -> None:
         """Not answering: what does Ray say it is?"""
@@ -216,12 +220,7 @@ class Supervisor(Periodic):
         if self.registry.members.get(member.label) is not member or member.life.state is Life.DEAD:
             return False
         before = member.life.state
-        if member.life.pid is not None and answer.get("pid") != member.life.pid:
-            _, member.life.ray_restarts = await asyncio.to_thread(ray_state, member.handle)
-            if member.role == "executor":
-                self.registry.publish_all()  # it came back with its first handles
-        member.life.pid = answer.get("pid")
-        member.life.ready(time.monotonic(), self.config)
+        await self._answered(member, answer)
         self._settled(member, before)  # in dispatch again
         self._export()
         return True
