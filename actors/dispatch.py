@@ -46,12 +46,15 @@ class RayDispatcher:
     """Slots from the scheduler, replicas from the pools, calls through Ray."""
 
     def __init__(self, slots: SlotScheduler, pools: dict[str, ReplicaPool],
-                 plan_of: Callable[[str], str], streams: Callable[[str], str | None],
-                 health_changed: Callable[[str], None]) -> None:
+                 claim_of: Callable[[str], tuple[str, str]],
+                 streams: Callable[[str], str | None], health_changed: Callable[[str], None],
+                 granted: Callable[[ExpertTask, str, float], None]) -> None:
         self.slots = slots
         self.pools = pools
         self._health_changed = health_changed  # the expert's bound may have moved
-        self._plan_of = plan_of  # task id -> plan id (the scheduler's per-plan bound)
+        # task id -> (plan id, tenant): the scheduler's per-plan bound and fair share
+        self._claim_of = claim_of
+        self._granted = granted  # (task, expert, seconds waited): the tenant's queue time
         self._streams = streams  # task id -> the caller that reads its text live, or None
         self.outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef
         self._revivals: dict[str, asyncio.Future[None]] = {}  # actor name -> its `ready`
@@ -61,7 +64,11 @@ class RayDispatcher:
     async def slot(self, expert: str, task: ExpertTask,
                    avoid: frozenset[str] = frozenset()) -> AsyncIterator[RayLease]:
         await self._until_back(expert, task.timeout_s)
-        grant = await self.slots.acquire(expert, self._plan_of(task.id), task.rank)
+        plan_id, tenant = self._claim_of(task.id)
+        asked = time.monotonic()
+        grant = await self.slots.acquire(expert, plan_id, task.rank, tenant=tenant,
+                                         cost=prompt_cost(task))
+        self._granted(task, expert, time.monotonic() - asked)
         try:
             pool = self.pools.get(expert)
             replica = pool.pick(time.monotonic(), avoid) if pool is not None else None
@@ -164,3 +171,11 @@ class RayDispatcher:
         future = self._handoffs.get((task_id, attempt))
         if future is not None and not future.done():
             future.set_result(text)
+
+
+def prompt_cost(task: ExpertTask) -> int:
+    """The fair share's charge at a grant: the prompt's tokens, estimated (4 characters
+    a token) before the engine counts them; the answer's are charged when it ends."""
+    chars = len(task.prompt) + len(task.system_prompt or "")
+    chars += sum(len(m.content) for m in task.messages or ())
+    return 1 + chars // 4

@@ -28,56 +28,15 @@ from ray.actor import ActorHandle
 from actors.dispatch import RayDispatcher
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
-from orchestration.errors import QueueFullError
+from orchestration.errors import QueueFullError, RateLimitedError
+from orchestration.ledger import Ledger
 from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult, TaskStatus
 from orchestration.replicas import ReplicaPool
+from orchestration.runs import RequestRun, Session
 from orchestration.scheduling import strategy_concurrency
 from orchestration.slots import SlotScheduler
 from orchestration.task_runner import TaskRun, TaskRunner
 from orchestration.wire import Admitted, Closed, Finished, Record, Retrying
-
-
-class Session:
-    """One caller's records, for every plan it submitted, until it reads them."""
-
-    def __init__(self, caller: str) -> None:
-        self.caller = caller
-        self.outbox: list[tuple[str, Record]] = []  # (request id, record)
-        self.runs: dict[str, RequestRun] = {}  # its plans still running
-        self.changed = asyncio.Event()
-
-    def put(self, request_id: str, record: Record) -> None:
-        self.outbox.append((request_id, record))
-        self.changed.set()
-
-    async def batches(self) -> AsyncIterator[list[tuple[str, Record]]]:
-        while True:
-            await self.changed.wait()
-            self.changed.clear()
-            batch, self.outbox = self.outbox, []
-            if batch:
-                yield batch
-
-
-class RequestRun:
-    """One admitted plan: its task jobs, where its records go, its results."""
-
-    def __init__(self, plan: ExecutionPlan, session: Session | None) -> None:
-        self.plan = plan
-        self.session = session  # None: nobody reads records or text live (`run`)
-        self.jobs: list[asyncio.Task[TaskResult]] = []
-        self.results: dict[str, TaskResult] = {}
-        self.closed = False
-
-    def put(self, record: Record) -> None:
-        if self.session is not None:
-            self.session.put(self.plan.request_id, record)
-
-    def cancel(self) -> int:
-        pending = [job for job in self.jobs if not job.done()]
-        for job in pending:
-            job.cancel()
-        return len(pending)
 
 
 def _actor(name: str, namespace: str) -> ActorHandle | None:
@@ -110,11 +69,13 @@ class ExecutorActor:
                                        for label, (handle, name) in found.items() if handle}, now)
         self.slots = SlotScheduler(config.executor.max_in_flight,
                                    {name: pool.capacity(now) for name, pool in self.pools.items()})
+        self.ledger = Ledger(config.tenants)  # per-tenant limits and usage
+        self._share(config)
         self.requests: dict[str, RequestRun] = {}
         self.sessions: dict[str, Session] = {}  # caller -> its records
         self._task_runs: dict[str, RequestRun] = {}  # task id -> its request
-        self.dispatcher = RayDispatcher(self.slots, self.pools, self._plan_of, self._streams,
-                                        self._refresh_limit)
+        self.dispatcher = RayDispatcher(self.slots, self.pools, self._claim, self._streams,
+                                        self._refresh_limit, self._granted)
         self._cooling_timers: dict[str, asyncio.TimerHandle] = {}
         self.runner = TaskRunner(self.dispatcher, config.executor.retry,
                                  {e.name: e.fallback for e in config.experts}, self._notify)
@@ -153,9 +114,10 @@ class ExecutorActor:
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
     def submit(self, plan: ExecutionPlan, caller: str) -> Admitted:
-        """Admit a plan whose records go to `caller`'s session (raises QueueFullError)."""
-        self._admit(plan, self._session(caller))
-        return Admitted(*self._load())
+        """Admit a plan whose records go to `caller`'s session (raises QueueFullError,
+        or RateLimitedError: its tenant is over a limit)."""
+        run = self._admit(plan, self._session(caller))
+        return Admitted(*self._load(), run.ratelimit)
 
     def drop_caller(self, caller: str) -> int:
         """A caller that is gone (its process died): cancel its plans, forget its session."""
@@ -175,7 +137,7 @@ class ExecutorActor:
         """The load at admission and all of a plan's results (primary first), for a
         caller that needs no stream."""
         run = self._admit(plan, None)
-        admitted = Admitted(*self._load())
+        admitted = Admitted(*self._load(), run.ratelimit)
         try:
             return admitted, list(await asyncio.gather(*run.jobs))
         finally:
@@ -216,6 +178,8 @@ class ExecutorActor:
                 pool.cooldown_s = config.scaling.cooldown_s
             self._refresh_limit(expert.name)
         self.slots.set_max_in_flight(config.executor.max_in_flight)
+        self.ledger.configure(config.tenants)
+        self._share(config)
         self.runner.retry = config.executor.retry
         self.runner.fallbacks = {e.name: e.fallback for e in config.experts}
 
@@ -228,6 +192,11 @@ class ExecutorActor:
     async def vigil(self) -> None:
         """Never returns: the supervisor learns of this process's death when it fails."""
         await asyncio.Event().wait()
+
+    def _share(self, config: ChorusConfig) -> None:
+        """Tenants' weights and caps, and whether the scheduler shares by tenant."""
+        self.slots.set_tenants({t.name: (t.weight, t.max_in_flight) for t in config.tenants})
+        self.slots.set_fair_share(config.executor.fair_share)
 
     def _pool(self, expert: str, capacity_each: int) -> ReplicaPool:
         scaling = self.config.scaling
@@ -275,6 +244,8 @@ class ExecutorActor:
             "sessions": len(self.sessions),
             "counters": {**self.counters, **self.runner.counters},
             "continued": dict(self.runner.continued),  # expert -> attempts that continued
+            "tenants": {name: {**usage, **self.slots.tenant_stats().get(name, {})}
+                        for name, usage in self.ledger.stats().items()},
         }
 
     # ------------------------------------------------------------------ plan life
@@ -298,8 +269,15 @@ class ExecutorActor:
             self._cooling_timers[expert] = asyncio.get_running_loop().call_later(
                 min(ends) - now + 0.001, expired)
 
-    def _plan_of(self, task_id: str) -> str:
-        return self._task_runs[task_id].plan.id
+    def _claim(self, task_id: str) -> tuple[str, str]:
+        """(plan id, tenant) of a task: the scheduler's per-plan bound and fair share."""
+        plan = self._task_runs[task_id].plan
+        return plan.id, plan.tenant
+
+    def _granted(self, task: ExpertTask, expert: str, waited_s: float) -> None:
+        tenant = self.ledger.known(self._task_runs[task.id].plan.tenant)
+        self.ledger.queued(tenant, expert, waited_s)
+        metrics().tenant_queue.observe(waited_s, tags={"tenant": tenant, "expert": expert})
 
     def _streams(self, task_id: str) -> str | None:
         """The caller that reads this task's text live, if any."""
@@ -320,14 +298,22 @@ class ExecutorActor:
     def _admit(self, plan: ExecutionPlan, session: Session | None) -> RequestRun:
         queued = self._load()[1]
         limit = self.config.executor.max_queue
-        if queued + len(plan.tasks) > limit:
-            self.counters["refused"] += 1
-            raise QueueFullError(
-                f"executor queue is full ({queued} queued, max_queue={limit}); retry later")
         if plan.request_id in self.requests:  # ids are server-unique: a caller bug
             raise QueueFullError(f"request {plan.request_id} is already running")
+        if queued + len(plan.tasks) > limit and not plan.follow_up:
+            self.counters["refused"] += 1
+            self._refused(plan.tenant, "queue_full")
+            raise QueueFullError(
+                f"executor queue is full ({queued} queued, max_queue={limit}); retry later")
+        try:  # a follow-up (a synthesis) is part of a request admitted already
+            ratelimit = (self.ledger.headers if plan.follow_up else self.ledger.admit)(plan.tenant)
+        except RateLimitedError as exc:  # the ledger counted it; the metric, here
+            self._refused(plan.tenant, exc.field or "rate_limited", counted=True)
+            raise
         self.counters["accepted_plans"] += 1
-        run = self.requests[plan.request_id] = RequestRun(plan, session)
+        if not plan.follow_up:
+            metrics().tenant_requests.inc(tags={"tenant": self.ledger.known(plan.tenant)})
+        run = self.requests[plan.request_id] = RequestRun(plan, session, ratelimit)
         if session is not None:
             session.runs[plan.request_id] = run
         self.slots.open_plan(plan.id, strategy_concurrency(plan.strategy, self.config.executor),
@@ -356,6 +342,7 @@ class ExecutorActor:
                                 error=f"{task.expert}: internal error: {exc!r}")
         else:
             result = job.result()
+        self._charge(run.plan.tenant, task.expert, result)
         self._unfinished -= 1
         self._last_progress = time.monotonic()
         metrics().tasks.inc(tags={"expert": task.expert, "status": result.status.value})
@@ -370,6 +357,22 @@ class ExecutorActor:
             if run.session is not None:
                 run.session.runs.pop(run.plan.request_id, None)
         self._load_changed()
+
+    def _refused(self, tenant: str, reason: str, counted: bool = False) -> None:
+        if not counted:
+            self.ledger.refuse(tenant, reason)
+        metrics().tenant_refusals.inc(tags={"tenant": self.ledger.known(tenant), "reason": reason})
+
+    def _charge(self, tenant: str, expert: str, result: TaskResult) -> None:
+        """The engine's counts of a task (every attempt's prompt and answer) to its tenant:
+        its token window, its usage, and its weighted service in the scheduler."""
+        prompt, out = result.prompt_tokens or 0, result.tokens
+        self.ledger.charge(tenant, expert, prompt, out)
+        self.slots.charge(tenant, out)  # the prompt was charged (estimated) at the grant
+        tags = {"tenant": self.ledger.known(tenant), "expert": expert}
+        for kind, count in (("in", prompt), ("out", out)):
+            if count:  # a Ray counter takes positive increments only
+                metrics().tenant_tokens.inc(count, tags={**tags, "kind": kind})
 
     # ------------------------------------------------------------------ load publishing
 

@@ -58,7 +58,9 @@ async def team_stats(registry: Registry, supervisor: Supervisor | None, scaler: 
     return {"router": {**_describe(answers[-1], timeout_s),
                        "supervision": _life(registry.members.get("router"), now)},
             "executor": {**executor, "supervision": _life(registry.members.get("executor"), now)},
-            "experts": experts}
+            "experts": experts,
+            # Per tenant: usage, limits, what is left of them, its share (docs/tenants.md).
+            "tenants": executor.pop("tenants", {})}
 
 
 def _life(member: Member | None, now: float) -> dict[str, Any] | None:

@@ -154,15 +154,21 @@ class Team:
                 call.plan = await view.router.plan.remote(request)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
+        call.plan = call.plan.model_copy(update={"tenant": call.tenant})
         if live:
             self.load_seen = (await self.caller.submit(call, view.executor), time.monotonic())
             events: AsyncIterator[Any] = self.caller.events(call)
         else:
-            load, settled = await settled_plan(call.plan, view.executor)
+            admitted, settled = await settled_plan(call.plan, view.executor)
+            call.ratelimit = admitted.ratelimit
+            load = ExecutorLoad(active=admitted.active, queued=admitted.queued)
             self.load_seen = (load, time.monotonic())
             events = _replay(settled)
         first = PlanEvent(request_id=call.plan.request_id, plan=call.plan)
-        synthesize = self._synthesize if live else self._synthesize_settled
+        def synthesize(task: ExpertTask) -> AsyncIterator[Any]:  # part of this request
+            plan = _one_task_plan(task, call.plan.tenant)
+            return self._synthesize(plan) if live else self._synthesize_settled(plan)
+
         try:
             async for event in finish_stream(call, first, events, self.local, synthesize):
                 if event.type in ("done", "error"):
@@ -179,8 +185,8 @@ class Team:
             if live:
                 self.caller.close(call)  # the caller went away: every task is cancelled
 
-    async def _synthesize(self, task: ExpertTask) -> AsyncIterator[Any]:
-        call = Call(None, plan=_one_task_plan(task))
+    async def _synthesize(self, plan: ExecutionPlan) -> AsyncIterator[Any]:
+        call = Call(None, plan=plan, tenant=plan.tenant)
         await self.caller.submit(call, self.view.executor)
         events = self.caller.events(call)
         try:
@@ -190,8 +196,8 @@ class Team:
             await events.aclose()
             self.caller.close(call)
 
-    async def _synthesize_settled(self, task: ExpertTask) -> AsyncIterator[Any]:
-        _, events = await settled_plan(_one_task_plan(task), self.view.executor)
+    async def _synthesize_settled(self, plan: ExecutionPlan) -> AsyncIterator[Any]:
+        _, events = await settled_plan(plan, self.view.executor)
         for event in events:
             yield event
 
@@ -278,9 +284,11 @@ async def _attach(config: ChorusConfig, name: str, app: str | None,
     return controller, view
 
 
-def _one_task_plan(task: ExpertTask) -> ExecutionPlan:
+def _one_task_plan(task: ExpertTask, tenant: str) -> ExecutionPlan:
+    """A synthesis: a follow-up of its request, for the same tenant (not counted again)."""
     return ExecutionPlan(request_id=f"{task.request_id or task.id}.{task.role}",
-                         strategy="SERIAL", primary=task.model_copy(update={"stream": True}))
+                         strategy="SERIAL", primary=task.model_copy(update={"stream": True}),
+                         tenant=tenant, follow_up=True)
 
 
 async def _replay(events: list[Any]) -> AsyncIterator[Any]:

@@ -17,6 +17,7 @@ from typing import Any
 from orchestration.assembly import Assembly
 from orchestration.errors import ChorusError, TaskCancelledError
 from orchestration.models import ExecutionPlan, OrchestrateRequest
+from orchestration.tenants import DEFAULT_TENANT
 from orchestration.wire import Record
 
 PENDING, STREAMING, OK, DISCONNECTED = "pending", "streaming", "ok", "disconnected"
@@ -61,6 +62,8 @@ class Call:
     outcome: str = PENDING
     closed: bool = False  # the plan ended (its `Closed` record came): nothing to cancel
     executor: Any = None  # the handle its plan was submitted to (the Ray layer's)
+    tenant: str = DEFAULT_TENANT  # whose key called (orchestration/tenants.py)
+    ratelimit: dict[str, str] = field(default_factory=dict)  # its x-ratelimit-* at admission
 
     @property
     def request_id(self) -> str:

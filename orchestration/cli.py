@@ -252,6 +252,30 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+USAGE_COLUMNS = ("tenant", "requests", "refused", "tokens in", "tokens out", "in flight",
+                 "waiting", "left (req/tok)")
+
+
+def usage_rows(tenants: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per tenant of `/v1/stats`'s `tenants`: what it used and has left."""
+    rows = []
+    for name, t in sorted(tenants.items()):
+        left = t.get("remaining", {})
+        rows.append((name, str(t.get("requests", 0)), str(sum(t.get("refused", {}).values())),
+                     str(t.get("tokens", {}).get("in", 0)), str(t.get("tokens", {}).get("out", 0)),
+                     str(t.get("in_flight", 0)), str(t.get("waiting", 0)),
+                     f"{left.get('requests', '-')}/{left.get('tokens', '-')}"))
+    return rows
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    rows = [USAGE_COLUMNS, *usage_rows(_get(args, "/v1/stats").get("tenants", {}))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(USAGE_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for model in _get(args, "/v1/models").get("data", []):
         print(model.get("id"))
@@ -323,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
     sub.add_parser("stats", help="executor and per-expert stats").set_defaults(func=cmd_stats)
     sub.add_parser("models", help="list model ids").set_defaults(func=cmd_models)
+    sub.add_parser("usage", help="usage and limits left, per tenant").set_defaults(func=cmd_usage)
     check = sub.add_parser("check-config", help="validate a config file (no server needed)")
     check.add_argument("path", nargs="?", help="default: $CHORUS_CONFIG or config/mock.yaml")
     check.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),

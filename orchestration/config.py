@@ -222,6 +222,9 @@ class ExecutorConfig(_Section):
     )
     # Async-actor concurrency: how many plans the executor serves at once.
     max_concurrent_plans: PositiveInt = 1000
+    # Within a priority, a contended slot goes to the tenant served least (weighted
+    # tokens); false: first come, first served (docs/tenants.md#fair-share).
+    fair_share: bool = True
     resources: ActorResources = Field(default_factory=ActorResources)
 
     @model_validator(mode="after")

@@ -15,7 +15,9 @@ exceptions are translated into these in one place, `actors/boundary.py`.
     ├── UnauthorizedError (401)
     ├── NotFoundError (404) ........ not_found: no such route
     ├── MethodNotAllowedError (405)  method_not_allowed
+    ├── ForbiddenError (403) ....... forbidden: not for this tenant (priority_max)
     ├── QueueFullError (429) ....... queue_full: admission refused, Retry-After
+    │   └── RateLimitedError ....... rate_limited: the tenant is over a per-minute limit
     ├── NoHealthyExpertError (503) . no expert could serve the request
     ├── RouterModelError (503) ..... router_model_unavailable: the embedding model failed
     ├── ServiceUnavailableError (503) unavailable: router/executor down or restarting
@@ -138,6 +140,26 @@ class QueueFullError(ChorusError):
 
     code = "queue_full"
     status = 429
+
+
+class RateLimitedError(QueueFullError):
+    """A tenant is over its requests or tokens per minute; `headers` are its
+    `x-ratelimit-*` and `retry_after_s` its `Retry-After` (orchestration/ledger.py)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: int = 1,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+
+class ForbiddenError(ChorusError):
+    """The caller's tenant may not ask for this (e.g. a priority above its `priority_max`)."""
+
+    code = "forbidden"
+    status = 403
 
 
 class NoHealthyExpertError(ChorusError):

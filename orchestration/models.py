@@ -25,6 +25,7 @@ from pydantic import (
 
 from orchestration.errors import BadRequestError, FieldError, bad_request
 from orchestration.generation import Message, Sample, Sampling, last_user_text
+from orchestration.tenants import DEFAULT_TENANT
 
 
 class ExecutionStrategy(StrEnum):
@@ -220,6 +221,10 @@ class ExecutionPlan(_Model):
     experts: list[ExpertTask] = Field(default_factory=list)
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     reason: str = ""
+    # Whose request it is (limits, fair share, usage: orchestration/ledger.py), and
+    # whether it is part of one already admitted (a synthesis: not counted again).
+    tenant: str = DEFAULT_TENANT
+    follow_up: bool = False
 
     @property
     def tasks(self) -> list[ExpertTask]:

@@ -18,13 +18,14 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestration.errors import ConfigError, UnauthorizedError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+DEFAULT_TENANT = "default"  # `server.api_key`'s tenant, and every caller's when no key is set
 
 
 class TenantKey(BaseModel):
@@ -47,12 +48,34 @@ class TenantKey(BaseModel):
 
 
 class TenantConfig(BaseModel):
-    """A team that shares the service, and the keys its callers present."""
+    """A team that shares the service, the keys its callers present, and its share.
+
+    `weight`: its share of a contended expert against other tenants at the same
+    priority; `requests_per_minute` / `tokens_per_minute`: 429 past them (tokens as the
+    engines count them, prompt + completion); `max_in_flight`: its tasks at once, a hard
+    cap; `priority_max`: the highest request priority it may ask for (403 above).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     keys: Annotated[list[TenantKey], Field(min_length=1)]
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    max_in_flight: Annotated[int, Field(ge=1)] | None = None
+    priority_max: Literal["high", "normal", "low"] | None = None
+
+    def limits(self) -> dict[str, int | float | str]:
+        """The limits it has (for /v1/stats and the operations page)."""
+        fields = ("weight", "requests_per_minute", "tokens_per_minute", "max_in_flight",
+                  "priority_max")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+
+    def allows(self, priority: str) -> bool:
+        """May it ask for `priority` (high > normal > low)?"""
+        order = ("low", "normal", "high")
+        return self.priority_max is None or order.index(priority) <= order.index(self.priority_max)
 
 
 def digest(key: str) -> bytes:
@@ -83,7 +106,7 @@ class Keyring:
                                       "not set (or empty) in the ingress process", field=field)
                 entries.append((digest(value), tenant.name))
         if api_key:
-            entries.append((digest(api_key), "default"))
+            entries.append((digest(api_key), DEFAULT_TENANT))
         return cls(entries)
 
     @property

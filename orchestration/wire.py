@@ -56,6 +56,8 @@ class Admitted:
 
     active: int
     queued: int
+    # The tenant's `x-ratelimit-*` headers as of this request (none: it has no limits).
+    ratelimit: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,6 +7,7 @@ given as its SHA-256, one in an environment variable of the ingress process
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -17,9 +18,10 @@ import pytest
 import yaml
 
 from orchestration.config import parse_config
-from orchestration.errors import ConfigError, UnauthorizedError
+from orchestration.errors import ConfigError, RateLimitedError, UnauthorizedError
+from orchestration.ledger import Ledger, duration
 from orchestration.tenants import Keyring, TenantConfig
-from tests.conftest import config_dict
+from tests.conftest import config_dict, until
 
 ALPHA = "sk-alpha-0123456789"
 BETA_ENV = "CHORUS_TEST_TENANT_KEY"  # its value: tests/conftest.py
@@ -101,7 +103,92 @@ def test_malformed_tenants_are_refused_naming_the_field(tenants: list, field: st
     assert caught.value.field == field, caught.value.message
 
 
+# --------------------------------------------------------------------------- the ledger
+
+
+def _ledger(**limits: Any) -> Ledger:
+    return Ledger([TenantConfig(name="t", keys=[{"key_env": "K"}], **limits)])
+
+
+def test_requests_per_minute_refuses_the_one_past_it_with_the_window_left() -> None:
+    ledger = _ledger(requests_per_minute=2)
+    first = ledger.admit("t")
+    assert (first["x-ratelimit-limit-requests"], first["x-ratelimit-remaining-requests"]) == (
+        "2", "1")
+    assert ledger.admit("t")["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(RateLimitedError) as caught:
+        ledger.admit("t")
+    refused = caught.value
+    assert (refused.status, refused.code, refused.field) == (429, "rate_limited",
+                                                             "requests_per_minute")
+    assert 1 <= refused.retry_after_s <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    usage = ledger.stats()["t"]
+    assert (usage["requests"], usage["refused"]) == (2, {"requests_per_minute": 1})
+    assert ledger.admit("default") == {}  # a tenant without limits: no headers, no refusal
+
+
+def test_the_ledger_refuses_tokens_after_the_request_that_crossed_the_limit() -> None:
+    ledger = _ledger(tokens_per_minute=100)
+    assert ledger.admit("t")["x-ratelimit-remaining-tokens"] == "100"
+    ledger.charge("t", "math", 30, 50)
+    assert ledger.admit("t")["x-ratelimit-remaining-tokens"] == "20"
+    ledger.charge("t", "code", 10, 90)  # crosses it: that request stands
+    with pytest.raises(RateLimitedError) as caught:
+        ledger.admit("t")
+    assert caught.value.field == "tokens_per_minute"
+    assert caught.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    usage = ledger.stats()["t"]
+    assert usage["tokens"] == {"in": 40, "out": 140}
+    assert (usage["experts"]["math"]["tokens_out"], usage["experts"]["code"]["tokens_in"]) == (
+        50, 10)
+
+
+def test_a_refusal_crosses_ray_with_its_headers() -> None:
+    import pickle
+
+    error = RateLimitedError("over", field="requests_per_minute", retry_after_s=7,
+                             headers={"x-ratelimit-remaining-requests": "0"})
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.retry_after_s, again.headers, again.field) == (
+        7, {"x-ratelimit-remaining-requests": "0"}, "requests_per_minute")
+
+
+def test_reset_durations_are_in_openais_form() -> None:
+    assert [duration(s) for s in (0.02, 1.0, 6.2, 59.5, 90)] == ["20ms", "1s", "7s", "1m0s",
+                                                                  "1m30s"]
+
+
+def test_a_tenant_removed_by_a_redeploy_is_counted_as_the_default_one() -> None:
+    ledger = _ledger(requests_per_minute=5)
+    ledger.admit("t")
+    ledger.configure([])
+    assert ledger.stats() == {}  # nothing kept of a tenant the config no longer names
+    ledger.admit("t")  # no limits any more, counted once as `default`
+    assert ledger.stats()["default"]["requests"] == 1
+
+
+def test_priority_max_allows_up_to_it() -> None:
+    capped = TenantConfig(name="c", keys=[{"key_env": "K"}], priority_max="normal")
+    assert [capped.allows(p) for p in ("low", "normal", "high")] == [True, True, False]
+    assert TenantConfig(name="o", keys=[{"key_env": "K"}]).allows("high")
+
+
 # --------------------------------------------------------------------------- served
+
+
+LIMITED = [  # tenants of the served app only (the keyring's unit tests use `_tenants()`)
+    {"name": "metered", "keys": [{"key_sha256": _sha("sk-metered")}], "requests_per_minute": 3},
+    {"name": "tokened", "keys": [{"key_sha256": _sha("sk-tokened")}], "tokens_per_minute": 5},
+    {"name": "sdk", "keys": [{"key_sha256": _sha("sk-sdk")}], "requests_per_minute": 1},
+    {"name": "capped", "keys": [{"key_sha256": _sha("sk-capped")}], "priority_max": "normal"},
+    {"name": "narrow", "keys": [{"key_sha256": _sha("sk-narrow")}], "max_in_flight": 1},
+]
+
+
+def _as(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +198,11 @@ def url(ray_session: Any, serve_port: int, tmp_path_factory: Any) -> str:
     from serve_app import build_app
 
     assert os.environ.get(BETA_ENV)  # conftest sets it before Ray starts
-    data = {**config_dict("mock"), "tenants": _tenants()}
+    data = {**config_dict("mock"), "tenants": _tenants() + LIMITED}
+    for expert in data["experts"]:
+        if expert["name"] == "math":  # the small expert the fairness test contends for
+            expert.update(max_concurrency=1, mock={"ttft_s": 0.0, "token_latency_s": 0.05,
+                                                   "tokens": 8})
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     path.write_text(yaml.safe_dump(data))
     serve.run(build_app({"config": str(path)}), name="tenants", route_prefix="/tenants")
@@ -144,3 +235,136 @@ def test_probes_and_pages_stay_open_and_the_page_asks_for_a_key(url: str) -> Non
     for path in ("/healthz", "/readyz", "/", "/v1/options"):
         assert httpx.get(f"{url}{path}", timeout=60).status_code == 200, path
     assert httpx.get(f"{url}/v1/options", timeout=60).json()["auth"] is True
+
+
+def _ask(url: str, key: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/orchestrate", json={"prompt": "hi", "stream": False, **body},
+                      headers=_as(key), timeout=60)
+
+
+def test_a_tenant_over_its_requests_per_minute_gets_429_while_another_is_served(url: str) -> None:
+    remaining = []
+    for _ in range(3):
+        response = _ask(url, "sk-metered")
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(response.headers["x-ratelimit-remaining-requests"])
+    assert remaining == ["2", "1", "0"]
+    refused = _ask(url, "sk-metered")
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("rate_limited", "requests_per_minute")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    served = _ask(url, ALPHA)  # another tenant, meanwhile: served, and it has no limits
+    assert served.status_code == 200 and "x-ratelimit-limit-requests" not in served.headers
+    streamed = httpx.post(f"{url}/v1/orchestrate", json={"prompt": "hi"},
+                          headers=_as("sk-metered"), timeout=60)
+    assert streamed.status_code == 429  # a stream is refused before its first byte too
+    tenants = httpx.get(f"{url}/v1/stats", headers=_as(ALPHA), timeout=60).json()["tenants"]
+    assert tenants["metered"]["requests"] == 3
+    assert tenants["metered"]["refused"] == {"requests_per_minute": 2}
+    assert tenants["metered"]["limits"] == {"weight": 1.0, "requests_per_minute": 3}
+    assert tenants["metered"]["remaining"] == {"requests": 0}
+
+
+def test_tokens_per_minute_refuses_the_request_after_the_one_that_crossed_it(url: str) -> None:
+    first = _ask(url, "sk-tokened")
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-remaining-tokens"] == "5"  # as of its admission
+    used = first.json()["primary"]
+    assert used["tokens"] + (used["prompt_tokens"] or 0) > 5  # it crossed the limit: it stands
+    refused = _ask(url, "sk-tokened")
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["param"] == "tokens_per_minute"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    tenants = httpx.get(f"{url}/v1/stats", headers=_as(ALPHA), timeout=60).json()["tenants"]
+    charged = tenants["tokened"]["tokens"]
+    assert charged["out"] >= used["tokens"] and charged["in"] >= (used["prompt_tokens"] or 0)
+    assert tenants["tokened"]["experts"][used["expert"]]["tasks"] >= 1
+
+
+def test_the_openai_sdk_sees_a_rate_limit_error_it_can_retry(url: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-sdk", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client.chat.completions.with_raw_response.create(model="chorus", messages=messages)
+    assert answer.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="chorus", messages=messages)
+    response = caught.value.response
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert caught.value.code == "rate_limited"
+
+
+def test_a_priority_above_the_tenants_priority_max_is_refused_naming_it(url: str) -> None:
+    refused = _ask(url, "sk-capped", priority="high")
+    assert refused.status_code == 403, refused.text
+    assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (
+        "forbidden", "priority")
+    assert _ask(url, "sk-capped", priority="normal").status_code == 200
+    assert _ask(url, ALPHA, priority="high").status_code == 200  # no priority_max: any
+
+
+FLOOD = 16  # requests tenant alpha sends at once for the small expert (one slot, 0.4 s each)
+
+
+async def _flood_then_one(url: str, one_key: str) -> tuple[int, int, int]:
+    """alpha sends FLOOD requests for `math` (one slot) at once; once at least half of them
+    wait, one more request comes with `one_key`. Returns how many of alpha's tasks were
+    waiting then, how many of its requests were answered in the meantime (from then until
+    that one request was answered), and how many of them were answered in all."""
+    body = {"prompt": "sum", "primary": "math", "experts": [], "stream": False}
+    done: list[int] = []
+    waiting: list[int] = []
+    async with httpx.AsyncClient(timeout=120, headers=_as(ALPHA)) as http:
+        async def flood(i: int) -> None:
+            response = await http.post(f"{url}/v1/orchestrate", json={**body, "prompt": f"{i}"})
+            assert response.status_code == 200, response.text
+            done.append(i)
+
+        async def queued() -> bool:
+            stats = (await http.get(f"{url}/v1/stats")).json()
+            waiting.append(stats["tenants"]["alpha"]["waiting"])
+            return waiting[-1] >= FLOOD // 2
+
+        floods = [asyncio.ensure_future(flood(i)) for i in range(FLOOD)]
+        await until(queued, timeout=60, what="alpha's requests queued for math")
+        sent = len(done)
+        answer = await http.post(f"{url}/v1/orchestrate", json=body, headers=_as(one_key))
+        assert answer.status_code == 200, answer.text
+        meanwhile = len(done) - sent
+        await asyncio.gather(*floods)
+    return waiting[-1], meanwhile, len(done)
+
+
+async def test_a_flooding_tenant_delays_only_itself(url: str) -> None:
+    """Fair share: beta's request takes the small expert's next slot, ahead of the alpha
+    requests queued before it; sent as alpha (one tenant, first come first served), the
+    same request waits behind all of them. Every request of the flood completes."""
+    queued, meanwhile, answered = await _flood_then_one(url, os.environ[BETA_ENV])
+    # The one in flight, and at most one more (a tie at the lift goes to the first come).
+    assert meanwhile <= 2 < queued and answered == FLOOD, (queued, meanwhile)
+    queued, meanwhile, answered = await _flood_then_one(url, ALPHA)
+    assert meanwhile >= queued and answered == FLOOD, (queued, meanwhile)
+
+
+async def test_a_tenants_max_in_flight_is_a_hard_cap(url: str) -> None:
+    async with httpx.AsyncClient(timeout=120, headers=_as("sk-narrow")) as http:
+        body = {"prompt": "hi", "primary": "general", "experts": [], "stream": False}
+        seen: list[tuple[int, int]] = []
+
+        async def capped_and_queued() -> bool:
+            narrow = (await http.get(f"{url}/v1/stats")).json()["tenants"]["narrow"]
+            seen.append((narrow["in_flight"], narrow["waiting"]))
+            return narrow["waiting"] >= 1
+
+        asks = [asyncio.ensure_future(http.post(f"{url}/v1/orchestrate", json=body))
+                for _ in range(4)]
+        await until(capped_and_queued, timeout=60, what="narrow's tasks waiting at its cap")
+        answers = await asyncio.gather(*asks)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert max(in_flight for in_flight, _ in seen) <= 1  # general has 8 slots; narrow gets 1
+

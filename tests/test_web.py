@@ -380,6 +380,9 @@ def test_ops_view_shows_in_flight_during_a_burst_and_zero_after(
     expect(page.locator("#tile-queued .value")).to_have_text("0")
     expect(page.locator("#experts tr.replica")).to_have_count(4)  # one replica per expert
     expect(page.locator("#experts td.inFlight")).to_have_text(["0"] * 8)
+    # No tenants configured: every caller is `default`, and its requests are counted.
+    expect(page.locator('#tenants tr[data-name="default"] td.requests')).to_have_text(
+        re.compile(r"^[1-9]\d*$"))
 
 
 def test_ops_view_reads_a_stats_answer_with_fields_missing(base_url, page) -> None:

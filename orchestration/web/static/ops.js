@@ -53,6 +53,15 @@ function readStats(raw) {
   const control = [["executor", executor], ["router", router]].filter(([, o]) => o.supervision)
     .map(([role, o]) => ({ role, state: stateOf(o), restarts: restartsOf(o) }));
   const ended = Array.isArray(series.ended) ? series.ended.map((v) => num(v) ?? 0) : [];
+  const tenants = Object.entries(obj(raw.tenants)).map(([name, value]) => {
+    const t = obj(value), tokens = obj(t.tokens), left = obj(t.remaining);
+    return {
+      name, requests: num(t.requests), refused: sum(Object.values(obj(t.refused))) ?? 0,
+      tokensIn: num(tokens.in), tokensOut: num(tokens.out), inFlight: num(t.in_flight),
+      waiting: num(t.waiting), weight: num(t.weight ?? obj(t.limits).weight),
+      left: `${count(num(left.requests))} / ${count(num(left.tokens))}`,
+    };
+  });
   return {
     inFlight: num(executor.active), maxInFlight: num(executor.max_in_flight),
     queued: num(executor.queued), rate: num(requests.rate_per_s),
@@ -65,7 +74,7 @@ function readStats(raw) {
     series: { end: num(series.end), ended,
               failed: Array.isArray(series.failed) ? series.failed.map((v) => num(v) ?? 0) : [] },
     node: obj(raw.ingress).node_id ?? null,
-    experts,
+    experts, tenants,
   };
 }
 
@@ -127,6 +136,21 @@ function renderExperts(stats) {
     expert.replicas.forEach((replica) => row(replica, true));
   }
   document.querySelector("#experts tbody").replaceChildren(...rows);
+}
+
+function renderTenants(stats) {
+  const rows = stats.tenants.map((t) => {
+    const tr = document.createElement("tr");
+    tr.dataset.name = t.name;
+    tr.append(Chorus.el("td", "", t.name));
+    for (const key of ["requests", "refused", "tokensIn", "tokensOut", "inFlight", "waiting",
+                       "weight"]) {
+      tr.append(Chorus.el("td", key, count(t[key])));
+    }
+    tr.append(Chorus.el("td", "state-cell left", t.left));
+    return tr;
+  });
+  document.querySelector("#tenants tbody").replaceChildren(...rows);
 }
 
 // The chart spans the history there is: one minute at least, WINDOW_S at most.
@@ -211,6 +235,7 @@ function render(stats) {
   while (samples.length && t - samples[0].t > WINDOW_S) samples.shift();
   renderTiles(stats);
   renderExperts(stats);
+  renderTenants(stats);
   drawChart(stats);
   refreshes += 1;
   document.body.dataset.refreshes = refreshes;
