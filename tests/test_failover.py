@@ -3,7 +3,7 @@
 One team: `math` is one slow-starting replica (`startup_s`, a model's load), `critic`
 two replicas, `code` fails mid-stream on every request (after 5 tokens) with `general`
 as its fallback, `stuck` stops sending tokens mid-stream (fallback `general`), and
-`scribe` writes a long answer (400 tokens, 0.2 s apart: 80 s) under a stall limit of
+`scribe` writes a long answer (225 tokens, 0.2 s apart: 45 s) under a stall limit of
 2 s. Each failure is continued, never regenerated: the caller's text is one answer on
 every route, and the task result says where each attempt took over (`continued_from`).
 """
@@ -52,7 +52,7 @@ def url(serve_port: int, tmp_path_factory: Any) -> str:
          "mock": {"ttft_s": 0.0, "token_latency_s": 0.005, "hang_every": 1,
                   "fault_after_tokens": 5}},
         {"name": "scribe", "backend": "mock", "description": "Writes at length.",
-         "keywords": ["scribe"], "mock": {"ttft_s": 0.0, "token_latency_s": 0.2, "tokens": 400}},
+         "keywords": ["scribe"], "mock": {"ttft_s": 0.0, "token_latency_s": 0.2, "tokens": 225}},
     ]
     data["executor"].update(ttft_timeout_s=5, stall_timeout_s=2)
     path = tmp_path_factory.mktemp(APP) / f"{APP}.yaml"
@@ -63,7 +63,8 @@ def url(serve_port: int, tmp_path_factory: Any) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def long_answer(url: str) -> Any:
-    """A long answer (80 s), started first and checked last: it runs while the others do."""
+    """A long answer (45 s: longer than a task's default 30 s deadline, and 20 times the
+    stall limit), started first and checked last: it runs while the others do."""
     events: list[tuple[str, Any]] = []
     body = {"prompt": "write at length", "primary": "scribe", "experts": [], "timeout_s": 600,
             "max_tokens": 1000}
@@ -202,6 +203,6 @@ def test_a_long_answer_that_keeps_coming_is_never_cut(long_answer: Any) -> None:
     thread, events = long_answer
     thread.join(timeout=300)
     primary = _one_answer(events)
-    # 80 s of tokens, each within the 2 s stall limit: one attempt, never cut or retried
-    assert primary["attempts"] == 1 and primary["tokens"] == 400
+    # 45 s of tokens, each within the 2 s stall limit: one attempt, never cut or retried
+    assert primary["attempts"] == 1 and primary["tokens"] == 225
     assert primary["finish_reason"] == "stop"

@@ -286,7 +286,7 @@ def _assert_no_5xx(response: httpx.Response) -> None:
         assert error["code"] and error["message"]
 
 
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

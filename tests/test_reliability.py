@@ -166,7 +166,7 @@ async def test_the_stats_body_does_not_grow_with_requests_served(sturdy: str) ->
         await requests(50)
         await until(lambda: _idle(http, sturdy), timeout=60, what="idle")
         first = (await http.get(f"{sturdy}/v1/stats")).text
-        await requests(500)
+        await requests(300)
         await until(lambda: _idle(http, sturdy), timeout=60, what="idle")
         second = (await http.get(f"{sturdy}/v1/stats")).text
     assert _shape(json.loads(second)) == _shape(json.loads(first))
