@@ -69,6 +69,7 @@ class Embedder:
             from tokenizers import Tokenizer
 
             model_path, tokenizer_path = model_files(name)
+            self.path = model_path
             self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
             options = ort.SessionOptions()
             # One thread: a one-prompt batch is too small to split, and the router

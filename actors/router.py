@@ -5,8 +5,9 @@ The executor pushes its load (`set_load`) when it changes, at most every
 to the executor.
 
 For `semantic` and `hybrid` routing it holds the embedding model: loaded (and the
-experts' routes embedded) once when the actor starts, or restarts; each prompt is
-embedded per request, concurrent prompts in one batch.
+experts' routes embedded, or read from the node's cache: `actors/route_cache.py`) once
+when the actor starts, or restarts; each prompt is embedded per request, concurrent
+prompts in one batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import ray
 
 from actors.embedder import BatchingEncoder, Embedder
+from actors.route_cache import VectorCache, default_folder, identity
 from orchestration.config import ChorusConfig
 from orchestration.errors import RouterModelError
 from orchestration.models import ExecutionPlan, ExecutorLoad, OrchestrateRequest
@@ -63,7 +65,10 @@ class RouterActor:
                 self.load_error = exc
                 return
             self.encoder = BatchingEncoder(self.model.encode)
-        self.routes = RouteIndex.build(config, self.model.encode)
+        # Routes embedded before (a restart, a redeploy) come from the node's disk.
+        cache = VectorCache(self.model.encode, identity(self.model.name, self.model.path),
+                            default_folder())
+        self.routes = RouteIndex.build(config, cache.encode)
         self.load_s = time.perf_counter() - started
 
     async def reconfigure(self, config: ChorusConfig) -> dict[str, Any]:

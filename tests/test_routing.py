@@ -187,3 +187,43 @@ def test_the_labelled_set_covers_every_expert_and_keeps_apart_from_routes() -> N
     dev = {r["prompt"] for r in _rows("router_dev.jsonl")}
     assert not {r["prompt"].lower() for r in rows} & routes
     assert not {r["prompt"] for r in rows} & dev
+
+
+# --------------------------------------------------------------------------- route cache
+
+
+def test_route_vectors_are_embedded_once_per_model_and_node(tmp_path) -> None:
+    from actors.route_cache import VectorCache
+
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return np.array([[len(t), i] for i, t in enumerate(texts)], dtype=np.float32)
+
+    first = VectorCache(encode, "model-a", tmp_path).encode(["alpha", "beta"])
+    again = VectorCache(encode, "model-a", tmp_path)  # a restarted router, same node
+    vectors = again.encode(["beta", "gamma", "alpha"])
+    assert calls == [["alpha", "beta"], ["gamma"]]  # only the new route is embedded
+    assert (again.hits, again.misses) == (2, 1)
+    assert vectors[0].tolist() == first[1].tolist() and vectors[2].tolist() == first[0].tolist()
+    VectorCache(encode, "model-b", tmp_path).encode(["alpha"])  # another model: its own
+    assert calls[-1] == ["alpha"]
+    (tmp_path / "model-a.npz").write_bytes(b"not a cache")  # damaged: embedded anew
+    assert VectorCache(encode, "model-a", tmp_path).encode(["alpha"]).shape == (1, 2)
+    assert calls[-1] == ["alpha"]
+    VectorCache(encode, "model-c", None).encode(["x"])  # off: nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-a.npz", "model-b.npz"]
+
+
+def test_a_changed_model_file_is_a_new_identity(tmp_path) -> None:
+    import os
+
+    from actors.route_cache import identity
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"weights")
+    before = identity("m", model)
+    os.utime(model, ns=(1, 1))
+    assert identity("m", model) != before != identity("n", model)
+
