@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import re
 from typing import Any
 
 import httpx
@@ -184,6 +185,7 @@ LIMITED = [  # tenants of the served app only (the keyring's unit tests use `_te
     {"name": "sdk", "keys": [{"key_sha256": _sha("sk-sdk")}], "requests_per_minute": 1},
     {"name": "capped", "keys": [{"key_sha256": _sha("sk-capped")}], "priority_max": "normal"},
     {"name": "narrow", "keys": [{"key_sha256": _sha("sk-narrow")}], "max_in_flight": 1},
+    {"name": "shared", "keys": [{"key_sha256": _sha("sk-shared")}], "requests_per_minute": 6},
 ]
 
 
@@ -198,7 +200,8 @@ def url(ray_session: Any, serve_port: int, tmp_path_factory: Any) -> str:
     from serve_app import build_app
 
     assert os.environ.get(BETA_ENV)  # conftest sets it before Ray starts
-    data = {**config_dict("mock"), "tenants": _tenants() + LIMITED}
+    data = {**config_dict("mock"), "tenants": _tenants() + LIMITED,
+            "server": {"ingress": {"replicas": 2}}}  # the limits hold across both
     for expert in data["experts"]:
         if expert["name"] == "math":  # the small expert the fairness test contends for
             expert.update(max_concurrency=1, mock={"ttft_s": 0.0, "token_latency_s": 0.05,
@@ -368,3 +371,51 @@ async def test_a_tenants_max_in_flight_is_a_hard_cap(url: str) -> None:
     assert [a.status_code for a in answers] == [200] * 4
     assert max(in_flight for in_flight, _ in seen) <= 1  # general has 8 slots; narrow gets 1
 
+
+async def test_a_limit_holds_across_two_ingress_replicas(url: str) -> None:
+    answered: set[int] = set()  # ingress pids that answered, each on a new connection
+
+    async def both_reachable() -> bool:
+        async with httpx.AsyncClient(timeout=60, headers=_as(ALPHA)) as own:
+            answered.add((await own.get(f"{url}/v1/stats")).json()["ingress"]["pid"])
+        return len(answered) == 2
+
+    await until(both_reachable, timeout=90, what="both ingress replicas answering")
+
+    async def one(i: int) -> int:
+        async with httpx.AsyncClient(timeout=60, headers=_as("sk-shared")) as own:
+            response = await own.post(f"{url}/v1/orchestrate",
+                                      json={"prompt": f"hi {i}", "stream": False})
+            return response.status_code
+
+    statuses = await asyncio.gather(*(one(i) for i in range(12)))
+    assert sorted(statuses) == [200] * 6 + [429] * 6  # 6 a minute, whichever replica
+
+
+
+async def test_usage_by_tenant_in_prometheus_and_chorus_usage(url: str, capsys: Any) -> None:
+    import ray
+
+    from orchestration.cli import main
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = [('ray_chorus_tenant_requests_total{', 'tenant="alpha"'),
+              ('ray_chorus_tenant_refusals_total{', 'tenant="metered"',
+               'reason="requests_per_minute"'),
+              ('ray_chorus_tenant_tokens_total{', 'tenant="tokened"', 'kind="out"'),
+              ('ray_chorus_tenant_queue_seconds_bucket{', 'tenant="alpha"', 'expert="math"')]
+
+    async def exported() -> bool:
+        async with httpx.AsyncClient() as http:
+            lines = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+        return all(any(all(part in line for part in parts) for line in lines.splitlines())
+                   for parts in wanted)
+
+    await until(exported, timeout=60, what="per-tenant series on Ray's Prometheus endpoint")
+    assert main(["--url", url, "--api-key", ALPHA, "usage"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["tenant", "requests", "refused"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert {"alpha", "beta", "metered", "tokened", "narrow"} <= set(rows)
+    assert int(rows["metered"][1]) >= 3 and int(rows["metered"][2]) >= 2  # (its earlier test)
+    assert re.fullmatch(r"\d+/-", rows["metered"][-1])  # requests left; no token limit
