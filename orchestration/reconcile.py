@@ -17,6 +17,8 @@ new config with the one the team runs and applies only the difference
     router.resources ........ a new router is started, then swapped in; plans in flight
                               finish on the old one
     executor settings ....... applied in place (bounds, queue, retries, fallbacks)
+    tenants ................. applied in place at the executor (limits, weights, caps); the
+                              new ingress replicas of the deploy hold the new keys
     stream.linger_s ......... applied in place on every expert replica
     executor.resources,
     executor.max_concurrent_plans,
@@ -111,7 +113,8 @@ def diff(old: ChorusConfig, new: ChorusConfig) -> Changes:
                         or any(after[n].fallback != before[n].fallback
                                or after[n].max_concurrency != before[n].max_concurrency
                                for n in after if n in before)
-                        or old.scaling != new.scaling or old.supervision != new.supervision)
+                        or old.scaling != new.scaling or old.supervision != new.supervision
+                        or old.tenants != new.tenants)
     changes.stream = old.stream.linger_s != new.stream.linger_s
     changes.restart = [key for key in RESTART_KEYS if _value(old, key) != _value(new, key)]
     return changes

@@ -89,3 +89,13 @@ def test_router_resources_swap_the_router_and_stream_linger_applies_in_place() -
 
     changes = _changed(edit)
     assert changes.router_actor and changes.stream and not changes.rolled
+
+
+def test_a_tenants_change_reaches_the_executor_and_nothing_else() -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["tenants"] = [{"name": "t", "keys": [{"key_env": "K"}], "requests_per_minute": 5}]
+
+    changes = _changed(edit)
+    assert changes.executor and not changes.nothing
+    assert not (changes.router or changes.rolled or changes.added or changes.restart)
+
