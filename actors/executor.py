@@ -302,17 +302,18 @@ class ExecutorActor:
             raise QueueFullError(f"request {plan.request_id} is already running")
         if queued + len(plan.tasks) > limit and not plan.follow_up:
             self.counters["refused"] += 1
-            self._refused(plan.tenant, "queue_full")
+            self._refused(plan, "queue_full")
             raise QueueFullError(
                 f"executor queue is full ({queued} queued, max_queue={limit}); retry later")
         try:  # a follow-up (a synthesis) is part of a request admitted already
             ratelimit = (self.ledger.headers if plan.follow_up else self.ledger.admit)(plan.tenant)
         except RateLimitedError as exc:  # the ledger counted it; the metric, here
-            self._refused(plan.tenant, exc.field or "rate_limited", counted=True)
+            self._refused(plan, exc.field or "rate_limited", counted=True)
             raise
         self.counters["accepted_plans"] += 1
         if not plan.follow_up:
-            metrics().tenant_requests.inc(tags={"tenant": self.ledger.known(plan.tenant)})
+            metrics().tenant_requests.inc(tags={"tenant": self.ledger.known(plan.tenant),
+                                                "expert": plan.primary.expert})
         run = self.requests[plan.request_id] = RequestRun(plan, session, ratelimit)
         if session is not None:
             session.runs[plan.request_id] = run
@@ -358,10 +359,11 @@ class ExecutorActor:
                 run.session.runs.pop(run.plan.request_id, None)
         self._load_changed()
 
-    def _refused(self, tenant: str, reason: str, counted: bool = False) -> None:
+    def _refused(self, plan: ExecutionPlan, reason: str, counted: bool = False) -> None:
         if not counted:
-            self.ledger.refuse(tenant, reason)
-        metrics().tenant_refusals.inc(tags={"tenant": self.ledger.known(tenant), "reason": reason})
+            self.ledger.refuse(plan.tenant, reason)
+        metrics().tenant_refusals.inc(tags={"tenant": self.ledger.known(plan.tenant),
+                                            "expert": plan.primary.expert, "reason": reason})
 
     def _charge(self, tenant: str, expert: str, result: TaskResult) -> None:
         """The engine's counts of a task (every attempt's prompt and answer) to its tenant:

@@ -44,13 +44,15 @@ class Metrics:
             "Scaling changes: up, down, removed (drained), gave_up (not placed in time).",
             tag_keys=("expert", "direction"))
         self.tenant_requests = Counter(
-            "chorus_tenant_requests_total", "Requests admitted, by tenant.", tag_keys=("tenant",))
+            "chorus_tenant_requests_total", "Requests admitted, by tenant and primary expert.",
+            tag_keys=("tenant", "expert"))
         self.tenant_tokens = Counter(
             "chorus_tenant_tokens_total", "Tokens the engines counted, by tenant, expert and "
             "kind (in: prompt, out: completion).", tag_keys=("tenant", "expert", "kind"))
         self.tenant_refusals = Counter(
-            "chorus_tenant_refusals_total", "Requests refused, by tenant and reason "
-            "(requests_per_minute, tokens_per_minute, queue_full).", tag_keys=("tenant", "reason"))
+            "chorus_tenant_refusals_total", "Requests refused, by tenant, primary expert and "
+            "reason (requests_per_minute, tokens_per_minute, queue_full).",
+            tag_keys=("tenant", "expert", "reason"))
         self.tenant_queue = Histogram(
             "chorus_tenant_queue_seconds", "Time a task waited for an expert's slot, by tenant.",
             boundaries=_LATENCY_BUCKETS, tag_keys=("tenant", "expert"))

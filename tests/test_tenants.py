@@ -399,8 +399,8 @@ async def test_usage_by_tenant_in_prometheus_and_chorus_usage(url: str, capsys: 
     from orchestration.cli import main
 
     port = ray._private.worker.global_worker.node.metrics_export_port
-    wanted = [('ray_chorus_tenant_requests_total{', 'tenant="alpha"'),
-              ('ray_chorus_tenant_refusals_total{', 'tenant="metered"',
+    wanted = [('ray_chorus_tenant_requests_total{', 'tenant="alpha"', 'expert="math"'),
+              ('ray_chorus_tenant_refusals_total{', 'tenant="metered"', 'expert="',
                'reason="requests_per_minute"'),
               ('ray_chorus_tenant_tokens_total{', 'tenant="tokened"', 'kind="out"'),
               ('ray_chorus_tenant_queue_seconds_bucket{', 'tenant="alpha"', 'expert="math"')]
