@@ -32,7 +32,7 @@ from ray.actor import ActorHandle
 
 from actors.boundary import translate
 from orchestration.assembly import Assembly
-from orchestration.call import Call, Lost, Records, Text
+from orchestration.call import Call, Lost, Records, Text, TextLost
 from orchestration.config import StreamConfig
 from orchestration.models import ExecutionPlan, ExecutorLoad
 from orchestration.wire import Admitted, Closed, Finished, task_of
@@ -94,6 +94,9 @@ class Caller:
             if isinstance(item, Text):
                 for event in assembly.on_text(item.key, item.text):
                     yield event
+                continue
+            if isinstance(item, TextLost):
+                assembly.text_lost(item.actor)
                 continue
             if isinstance(item, Lost):
                 call.closed = True
@@ -197,8 +200,11 @@ class Caller:
         except asyncio.CancelledError:
             ray.cancel(gen)
             raise
-        except Exception:  # noqa: S110 - the replica died: its attempts are retried by
-            pass  # the executor, and their final results fill any gap in the text
+        except Exception:  # the replica died (its attempts are retried by the executor), or
+            # only its session broke: either way text in flight may be lost, so no call
+            # takes more text from its attempts; their hand-offs or results fill the gap.
+            for call in list(self.calls.values()):
+                call.inbox.put_nowait(TextLost(name))
         finally:
             if self._replicas.get(name) is session:
                 del self._replicas[name]

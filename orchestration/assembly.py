@@ -69,6 +69,7 @@ class _Stream:
     expert: str | None = None  # expert of the current attempt
     attempt: int = 0
     key: str | None = None  # the attempt whose text counts (None: between attempts)
+    actor: str = ""  # the replica actor the current attempt's text comes from
     sent: list[str] = field(default_factory=list)  # the answer sent so far, in pieces
     emitted: int = 0  # its length
     early: dict[str, list[str]] = field(default_factory=dict)  # text of later attempts
@@ -121,6 +122,14 @@ class Assembly:
             return []  # an earlier attempt's text (its task moved on)
         return self._accept(stream, text)
 
+    def text_lost(self, actor: str) -> None:
+        """The text session of replica `actor` broke: what it had in flight may be lost,
+        so later text of the attempts it carried would leave a gap. None of it is taken;
+        the attempt's hand-off or its result fills the answer from what was taken."""
+        for stream in self.streams.values():
+            if stream.key is not None and stream.actor == actor:
+                stream.key = None
+
     def done(self) -> DoneEvent:
         primary = self.results.get(self.plan.primary.id)
         experts = [self.results[t.id] for t in self.plan.experts if t.id in self.results]
@@ -137,6 +146,7 @@ class Assembly:
         if stream is None:
             return
         stream.expert, stream.attempt, stream.key = record.expert, record.attempt, record.key
+        stream.actor = record.actor
         step.read.append(record.actor)
         for key in [k for k in stream.early if attempt_of(k) <= record.attempt]:
             pieces = stream.early.pop(key)

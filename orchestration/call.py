@@ -45,7 +45,14 @@ class Lost:
     error: ChorusError
 
 
-Item = Records | Text | Lost
+@dataclass(slots=True)
+class TextLost:
+    """The text session of replica `actor` broke: its attempts' later text is not taken."""
+
+    actor: str
+
+
+Item = Records | Text | Lost | TextLost
 
 
 @dataclass(eq=False)

@@ -277,3 +277,41 @@ class CallerMachine(RuleBasedStateMachine):
 
 TestCaller = CallerMachine.TestCase
 TestCaller.settings = settings(max_examples=120, stateful_step_count=30, deadline=None)
+
+
+def test_text_after_a_replica_session_broke_is_not_taken_across_the_gap() -> None:
+    """The interleaving a CI run found: a replica's text session breaks while a piece of
+    an attempt is in flight, and the attempt's next piece comes on a new session. The
+    caller takes nothing after the gap; the attempt's result fills the answer."""
+    machine = CallerMachine()
+    try:
+        def dispatched(n: int) -> None:
+            state = machine.calls[n]
+            state["attempt"] = 1
+            task = state["call"].plan.primary.id
+            machine._records(f"r{n}", [Dispatched(task, 1, "a", "a#0", f"{task}:1", "replica-a")])
+
+        def text(n: int, piece: str) -> None:
+            machine.replica.streams[-1].queue.put_nowait([(f"t{n}:1", piece, 1)])
+            machine._settle()
+
+        machine.submit()
+        dispatched(0)
+        text(0, "one ")
+        machine.replica_dies()
+        text(0, "two ")  # on the broken session: never read
+        machine.submit()
+        dispatched(1)  # opens a new session on the same replica
+        text(0, "three ")  # the same attempt's next piece: after a gap
+        machine.each_call_is_one_answer_with_at_most_one_end()
+        shown = "".join(e.delta for e in machine.calls[0]["events"] if e.type == "primary")
+        assert shown == "one "
+        result = TaskResult(task_id="t0", expert="a", role="primary", status=TaskStatus.SUCCESS,
+                            result=ANSWER, served_by=["a"], attempts=1)
+        machine._records("r0", [Finished(result), Closed()])
+        events = machine.calls[0]["events"]
+        assert "".join(e.delta for e in events if e.type == "primary") == ANSWER
+        assert events[-1].type == "done"
+    finally:
+        machine.teardown()
+
