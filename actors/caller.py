@@ -104,6 +104,7 @@ class Caller:
             step = assembly.on_records(item.records)
             for name in step.read:
                 self._replica_session(name)
+                call.reading[name] = self._replicas.get(name)
             for task_id, attempt, text in step.replies:  # what a continuation continues
                 call.executor.delivered.remote(task_id, attempt, text)
             call.closed = step.done  # set before yielding `done`: the consumer may stop
@@ -204,7 +205,8 @@ class Caller:
             # only its session broke: either way text in flight may be lost, so no call
             # takes more text from its attempts; their hand-offs or results fill the gap.
             for call in list(self.calls.values()):
-                call.inbox.put_nowait(TextLost(name))
+                if call.reading.get(name) is session:  # (not a session opened since)
+                    call.inbox.put_nowait(TextLost(name))
         finally:
             if self._replicas.get(name) is session:
                 del self._replicas[name]

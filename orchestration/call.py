@@ -71,6 +71,8 @@ class Call:
     executor: Any = None  # the handle its plan was submitted to (the Ray layer's)
     tenant: str = DEFAULT_TENANT  # whose key called (orchestration/tenants.py)
     ratelimit: dict[str, str] = field(default_factory=dict)  # its x-ratelimit-* at admission
+    # replica actor -> the text session its attempts there are read from (the Ray layer's)
+    reading: dict[str, Any] = field(default_factory=dict)
 
     @property
     def request_id(self) -> str:

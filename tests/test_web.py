@@ -148,7 +148,9 @@ def test_playground_streams_the_plan_the_primary_the_cards_and_the_answer(
     assert page.inner_text("#primary-text") == primary == done["primary"]["result"]
     lengths = page.evaluate("window.lengths")
     growing = sorted({n for n in lengths if 0 < n < len(primary)})
-    assert len(growing) >= 2 and lengths == sorted(lengths), lengths
+    # Streamed: some text showed before the whole (how many steps depends on the machine's
+    # speed: the stream merges what piles up), and it only ever grew.
+    assert growing and lengths == sorted(lengths), lengths
 
     results = {data["result"]["task_id"]: data["result"] for kind, data in events
                if kind == "expert"}
