@@ -244,9 +244,14 @@ class ExecutorActor:
             "sessions": len(self.sessions),
             "counters": {**self.counters, **self.runner.counters},
             "continued": dict(self.runner.continued),  # expert -> attempts that continued
-            "tenants": {name: {**usage, **self.slots.tenant_stats().get(name, {})}
-                        for name, usage in self.ledger.stats().items()},
+            "tenants": self._tenant_stats(),
         }
+
+    def _tenant_stats(self) -> dict[str, dict[str, Any]]:
+        """Per tenant: its usage and limits (the ledger), and its share now (the slots)."""
+        shares = self.slots.tenant_stats()
+        return {name: {**usage, **shares.get(name, {})}
+                for name, usage in self.ledger.stats().items()}
 
     # ------------------------------------------------------------------ plan life
 
