@@ -28,14 +28,14 @@ from ray.actor import ActorHandle
 from actors.dispatch import RayDispatcher
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
-from orchestration.errors import QueueFullError, RateLimitedError
+from orchestration.errors import QueueFullError, RateLimitedError, TaskCancelledError
 from orchestration.ledger import Ledger
-from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult, TaskStatus
+from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult
 from orchestration.replicas import ReplicaPool
 from orchestration.runs import RequestRun, Session
 from orchestration.scheduling import strategy_concurrency
 from orchestration.slots import SlotScheduler
-from orchestration.task_runner import TaskRun, TaskRunner
+from orchestration.task_runner import TaskRunner
 from orchestration.wire import Admitted, Closed, Finished, Record, Retrying
 
 
@@ -325,22 +325,26 @@ class ExecutorActor:
         self.slots.open_plan(plan.id, strategy_concurrency(plan.strategy, self.config.executor),
                              plan.strategy)
         self._unfinished += len(plan.tasks)
-        for task in plan.tasks:
+        for task, state in run.start(time.monotonic()):
             self._task_runs[task.id] = run
-            job = asyncio.ensure_future(self.runner.run(TaskRun(task)))
+            job = asyncio.ensure_future(self.runner.run(state))
             job.add_done_callback(lambda job, t=task: self._finished(run, t, job))
             run.jobs.append(job)
+        if plan.cut_s is not None and plan.experts:
+            run.timer = asyncio.get_running_loop().call_later(plan.cut_s, self._budget_cut, run)
         self._load_changed()
         return run
+
+    def _budget_cut(self, run: RequestRun) -> None:
+        run.timer = None
+        self.counters["budget_cuts"] += run.cut_at_budget()
 
     def _finished(self, run: RequestRun, task: ExpertTask, job: asyncio.Task[TaskResult]) -> None:
         # A job cancelled before its first step never ran the runner, and a bug must
         # not leave a plan waiting forever: both still end with one result here.
         if job.cancelled():
-            self.runner.counters["cancelled"] += 1
-            result = TaskResult(task_id=task.id, expert=task.expert, role=task.role,
-                                status=TaskStatus.CANCELLED,
-                                error=f"{task.expert}: request cancelled before dispatch")
+            result = self.runner.unrun(run.states[task.id], TaskCancelledError(
+                f"{task.expert}: request cancelled before dispatch"))
         elif (exc := job.exception()) is not None:
             self.runner.counters["failed"] += 1
             result = TaskResult(task_id=task.id, expert=task.expert, role=task.role,
@@ -356,12 +360,15 @@ class ExecutorActor:
         run.results[task.id] = result
         run.put(Finished(result))
         if len(run.results) == len(run.plan.tasks):
+            run.cancel()  # (its budget's timer)
             run.closed = True
             run.put(Closed())
             self.slots.close_plan(run.plan.id)
             self.requests.pop(run.plan.request_id, None)
             if run.session is not None:
                 run.session.runs.pop(run.plan.request_id, None)
+        else:
+            self.counters["quorum_cuts"] += run.cut_at_quorum()
         self._load_changed()
 
     def _refused(self, plan: ExecutionPlan, reason: str, counted: bool = False) -> None:
@@ -400,3 +407,4 @@ class ExecutorActor:
                 self.router.set_load.remote(*load)  # fire and forget: a stale load is fine
             sent = load
             await asyncio.sleep(self.config.router.load_publish_s)
+

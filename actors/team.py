@@ -31,6 +31,7 @@ from actors.boundary import translate
 from actors.caller import Caller, settled_plan
 from actors.controller import TeamController, TeamView
 from actors.gate import app_deleted
+from orchestration.budget import planned, request_budget
 from orchestration.call import PENDING, STREAMING, Call
 from orchestration.config import ChorusConfig
 from orchestration.errors import ChorusError
@@ -154,7 +155,9 @@ class Team:
                 call.plan = await view.router.plan.remote(request)
         except Exception as exc:  # bad input (UnknownExpertError), or the router down
             raise translate(exc, actor="router") from None
-        call.plan = call.plan.model_copy(update={"tenant": call.tenant})
+        call.budget_s = request_budget(request, self.local)
+        call.plan = planned(call.plan.model_copy(update={"tenant": call.tenant}), request,
+                            self.local, call.elapsed_s())
         if live:
             self.load_seen = (await self.caller.submit(call, view.executor), time.monotonic())
             events: AsyncIterator[Any] = self.caller.events(call)

@@ -70,6 +70,7 @@ class Call:
     closed: bool = False  # the plan ended (its `Closed` record came): nothing to cancel
     executor: Any = None  # the handle its plan was submitted to (the Ray layer's)
     tenant: str = DEFAULT_TENANT  # whose key called (orchestration/tenants.py)
+    budget_s: float | None = None  # its latency budget from `arrived` (docs/budget.md)
     ratelimit: dict[str, str] = field(default_factory=dict)  # its x-ratelimit-* at admission
     # replica actor -> the text session its attempts there are read from (the Ray layer's)
     reading: dict[str, Any] = field(default_factory=dict)

@@ -199,6 +199,17 @@ class RetryConfig(_Section):
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
+class HedgeConfig(_Section):
+    """A second copy of an attempt whose first token is late (docs/budget.md#hedging)."""
+
+    enabled: bool = False
+    # Seconds without a first token before the hedge; `auto`: the expert's recent p95
+    # TTFT (no hedge until it has one).
+    after_s: PositiveFloat | Literal["auto"] = "auto"
+    # At most this fraction of an expert's attempts are hedges.
+    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
 class ExecutorConfig(_Section):
     max_in_flight: PositiveInt = 16
     max_queue: PositiveInt = 256
@@ -225,6 +236,10 @@ class ExecutorConfig(_Section):
     # Within a priority, a contended slot goes to the tenant served least (weighted
     # tokens); false: first come, first served (docs/tenants.md#fair-share).
     fair_share: bool = True
+    # The team's latency budget for a request that names none (docs/budget.md); unset:
+    # no budget, every specialist is waited for (up to its timeouts).
+    budget_s: PositiveFloat | None = None
+    hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     resources: ActorResources = Field(default_factory=ActorResources)
 
     @model_validator(mode="after")
@@ -274,6 +289,13 @@ class FusionConfig(_Section):
     strategy: Literal["primary", "append", "synthesize"] = "append"
     synthesizer: str | None = None
     max_tokens: PositiveInt = 512
+    # `all`: fuse when every specialist ended; `first`: as soon as `min_experts` of them
+    # (and the primary) answered, cutting the rest (a request's `min_experts` also does).
+    quorum: Literal["first", "all"] = "all"
+    min_experts: PositiveInt = 1
+    # Under a latency budget, the share of it kept for the synthesis (`synthesize`):
+    # the specialists are cut that much earlier, so the synthesis is not.
+    budget_share: Annotated[float, Field(ge=0, lt=1)] = 0.3
 
 
 class GuardConfig(_Section):

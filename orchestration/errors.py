@@ -240,6 +240,21 @@ class TaskCancelledError(ChorusError):
     status = 499
 
 
+class QuorumReachedError(TaskCancelledError):
+    """A specialist cut because enough others answered (`min_experts`): not a failure
+    of the expert, so fusion lists it in `failed` but not among the unavailable."""
+
+    code = "quorum_reached"
+
+
+class BudgetError(ChorusError):
+    """The request's latency budget (`budget_s`) cut the task, or left no room for the
+    attempt it would have started (docs/budget.md); never retried."""
+
+    code = "budget"
+    status = 504
+
+
 # ------------------------------------------------------------ validation messages
 
 

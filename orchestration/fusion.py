@@ -29,6 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orchestration.errors import QuorumReachedError
 from orchestration.models import ExecutionPlan, ExpertTask, TaskResult, TaskStatus
 
 FusionStrategy = Literal["primary", "append", "synthesize"]
@@ -99,7 +100,8 @@ def fuse(strategy: FusionStrategy, primary: TaskResult, experts: list[TaskResult
     if answered:
         contributions = (f"**{r.expert}**: {_answer(r) or '_(empty answer)_'}" for r in answered)
         sections.append("Expert contributions:\n" + "\n\n".join(contributions))
-    unavailable = [r for r in experts if not r.ok]
+    # (a specialist cut because the quorum answered is in `failed`, but not unavailable)
+    unavailable = [r for r in experts if not r.ok and r.error_code != QuorumReachedError.code]
     if unavailable:
         lines = (f"- **{r.expert}**: {_reason(r)}" for r in unavailable)
         sections.append("Unavailable experts:\n" + "\n".join(lines))

@@ -51,6 +51,7 @@ class TaskStatus(StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    BUDGET = "budget"  # cut by the request's latency budget (docs/budget.md)
 
 
 # The seeds' scale of task weights (p-queue priorities in TaskExecutor v3.0).
@@ -117,6 +118,11 @@ class OrchestrateRequest(_Model):
     primary: str | None = None
     strategy: ExecutionStrategy | None = None
     timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] | None = None
+    # The whole answer's latency budget (docs/budget.md): specialists still running at
+    # its end are cut and the answer fused from what finished.
+    budget_s: Annotated[StrictFloat, Field(gt=0, le=3600)] | None = None
+    # Fuse as soon as this many specialists (and the primary) answered; cut the rest.
+    min_experts: Annotated[StrictInt, Field(ge=1, le=64)] | None = None
     max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     # Sampling seed for every task; unset, each task gets a stable one of its own.
@@ -225,6 +231,14 @@ class ExecutionPlan(_Model):
     # whether it is part of one already admitted (a synthesis: not counted again).
     tenant: str = DEFAULT_TENANT
     follow_up: bool = False
+    # The latency budget (docs/budget.md), as seconds from the plan's submission: the
+    # whole answer's (`budget_s`: retries and fallbacks that cannot fit it never
+    # start), and when the specialists still running are cut (`cut_s`: the budget less
+    # the synthesis's share). `quorum`: how many specialists must have answered before
+    # the rest are cut (None: all of them).
+    budget_s: float | None = None
+    cut_s: float | None = None
+    quorum: int | None = None
 
     @property
     def tasks(self) -> list[ExpertTask]:
@@ -302,6 +316,8 @@ class TaskEvent(_Model):
     attempt: int
     replica: str | None = None
     reason: str | None = None
+    # A second copy of a slow attempt, on another replica (docs/budget.md#hedging).
+    hedged: bool = False
 
 
 class ExpertDelta(_Model):

@@ -118,6 +118,9 @@ class _Common(_Body):
     user: StrictStr | None = None
     # Chorus's request priority (high|normal|low), or vLLM's integer form (lower first).
     priority: StrictStr | StrictInt | None = None
+    # Chorus's latency budget and quorum (`extra_body`; docs/budget.md).
+    budget_s: Annotated[StrictFloat, Field(gt=0, le=3600)] | None = None
+    min_experts: Annotated[StrictInt, Field(ge=1, le=64)] | None = None
 
     def sampling_fields(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -232,7 +235,8 @@ def to_orchestrate(body: ChatCompletionRequest | CompletionRequest, experts: lis
             "n: more than one choice is not supported for model 'chorus' when the team "
             "synthesizes its answer (fusion.strategy synthesize)", field="n")
     data: dict[str, Any] = {"id": request_id, "priority": priority,
-                            "temperature": body.temperature, "seed": body.seed}
+                            "temperature": body.temperature, "seed": body.seed,
+                            "budget_s": body.budget_s, "min_experts": body.min_experts}
     if isinstance(body, ChatCompletionRequest):
         messages = [m.to_message(i) for i, m in enumerate(body.messages)]
         data.update(messages=[m.model_dump(exclude_none=True) for m in messages],

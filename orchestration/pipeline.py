@@ -10,6 +10,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from orchestration.budget import left_s
 from orchestration.call import Call
 from orchestration.config import ChorusConfig, GuardConfig
 from orchestration.errors import BadRequestError, UnsupportedParameterError
@@ -109,8 +110,11 @@ class _Finisher:
         """Stream the synthesizer's answer as fusion deltas, then yield the outcome."""
         fusion = self.config.fusion
         assert self.synthesize is not None and fusion.synthesizer is not None
+        timeout_s = self.plan.primary.timeout_s
+        if (left := left_s(self.call.budget_s, self.call.elapsed_s())) is not None:
+            timeout_s = min(timeout_s, left)  # what the budget kept for it (budget_share)
         task = build_synthesis_task(self.plan, primary, experts, fusion.synthesizer,
-                                    fusion.max_tokens, self.plan.primary.timeout_s)
+                                    fusion.max_tokens, timeout_s)
         live = self.guard.stream()
         result: TaskResult | None = None
         async for event in self.synthesize(task):
@@ -128,7 +132,9 @@ class _Finisher:
         primary, experts = self.clean(done.primary), [self.clean(r) for r in done.experts]
         strategy = self.config.fusion.strategy
         outcome = fuse(strategy, primary, experts)
-        if strategy == "synthesize" and self.synthesize and should_synthesize(primary, experts):
+        left = left_s(self.call.budget_s, self.call.elapsed_s())
+        if (strategy == "synthesize" and self.synthesize and should_synthesize(primary, experts)
+                and (left is None or left > 0)):
             async for item in self.synthesized(primary, experts, outcome):
                 if isinstance(item, FusionOutcome):
                     outcome = item
@@ -142,6 +148,9 @@ class _Finisher:
         timings = {"total_s": self.call.elapsed_s()}
         if self.call.ttft_s is not None:  # only a live stream has one
             timings["ttft_s"] = self.call.ttft_s
+        if self.call.budget_s is not None:  # how much of its latency budget it used
+            timings["budget_s"] = self.call.budget_s
+            timings["budget_used"] = round(timings["total_s"] / self.call.budget_s, 3)
         yield DoneEvent(request_id=self.request_id, primary=primary, experts=experts,
                         content=outcome.content, timings=timings)
 

@@ -17,6 +17,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from orchestration.config import ExecutorConfig, RetryConfig
@@ -55,6 +56,16 @@ def strategy_concurrency(strategy: ExecutionStrategy, config: ExecutorConfig) ->
 # ------------------------------------------------------------------ retry policy
 
 
+class stop_if(stop_base):  # noqa: N801 - named like tenacity's own policies
+    """Stop when `predicate(retry_state)` is true (tenacity composes it with `|`)."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate(retry_state)
+
+
 class wait_jittered(wait_base):  # noqa: N801 - named like tenacity's own policies
     """Scale another wait by a random factor in [1 - spread, 1 + spread].
 
@@ -83,20 +94,25 @@ def backoff(policy: RetryConfig) -> wait_base:
 
 
 def build_retrying(
-    policy: RetryConfig, on_wait: Callable[[float], None] | None = None
+    policy: RetryConfig, on_wait: Callable[[float], None] | None = None,
+    stop_before: Callable[[float], bool] | None = None,
 ) -> AsyncRetrying:
     """The seeds' retry: N attempts, waits initial x multiplier^n (jittered), transient errors only.
 
     `on_wait` receives each backoff the policy chose, so callers can report (and tests
-    can assert) the waits without reading a clock.
+    can assert) the waits without reading a clock. `stop_before(wait_s)` true also stops
+    (the latency budget has no room for another attempt after that wait).
     """
+    stop = stop_after_attempt(policy.attempts)
+    if stop_before is not None:
+        stop = stop | stop_if(lambda state: stop_before(state.upcoming_sleep))
 
     def record(state: RetryCallState) -> None:
         if on_wait is not None and state.next_action is not None:
             on_wait(state.next_action.sleep)
 
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
+        stop=stop,
         wait=backoff(policy),
         retry=retry_if_exception_type(TransientError),
         before_sleep=record,

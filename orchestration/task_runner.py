@@ -10,9 +10,13 @@
         stalled (no first token, or no new token, in time; the expert says): hand off,
             next attempt on another replica — none left: the fallback
     the deadline passes: ends `timeout` at once (no new attempt, no fallback)
+    under a latency budget (`budget_until`): a retry or a fallback whose expert's recent
+        p50 latency does not fit what is left is not started; the task ends `budget`
+        (a primary falls back early when its fallback fits; docs/budget.md)
     bad input: ends at once (no retry, no fallback)
     cancellation (the request was cancelled, or Ray cancelled the expert's call):
-        ends `cancelled` at once: never retried, never sent to a fallback
+        ends `cancelled` at once: never retried, never sent to a fallback; a task its
+        plan cut (`TaskRun.cut`: the budget, a quorum) ends with that reason
 
 Every attempt after the first *continues* the answer so far (`TaskRun.answer`, sent as
 the task's `prefix`), whether it runs on the same replica, another, or the fallback
@@ -38,8 +42,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestration.config import RetryConfig
+from orchestration.latency import RecentLatency
 from orchestration.errors import (
     AnswerInterruptedError,
+    BudgetError,
     ChorusError,
     DeadlineError,
     StalledError,
@@ -98,6 +104,9 @@ class TaskRun:
     continued_from: list[int] = field(default_factory=list)  # len(answer) at each attempt
     completion: Completion | None = None
     error: ChorusError | None = None
+    # Under a latency budget: the moment (monotonic) by which the task must be done.
+    budget_until: float | None = None
+    cut: ChorusError | None = None  # why its plan cancelled it (budget, quorum), if it did
 
     @property
     def attempts(self) -> int:
@@ -150,6 +159,8 @@ def cannot_continue(task: ExpertTask) -> str | None:
 
 
 def status_of(error: ChorusError) -> TaskStatus:
+    if isinstance(error, BudgetError):
+        return TaskStatus.BUDGET
     if isinstance(error, TaskTimeoutError | DeadlineError):
         return TaskStatus.TIMEOUT
     if isinstance(error, TaskCancelledError):
@@ -173,6 +184,7 @@ class TaskRunner:
         self.notify = notify
         self.counters: Counter[str] = Counter()
         self.continued: Counter[str] = Counter()  # expert -> attempts that continued
+        self.latency = RecentLatency()  # per expert: its recent successful attempts
 
     async def run(self, state: TaskRun) -> TaskResult:
         """Always returns (never raises): cancellation becomes a `cancelled` result."""
@@ -185,15 +197,24 @@ class TaskRunner:
                 try:
                     state.completion = await self._on(expert, state)
                     break
-                except (TransientError, _NoOtherReplica) as exc:
+                except (TransientError, _NoOtherReplica, BudgetError) as exc:
+                    # (a retry that cannot fit the budget: its fallback may still fit)
                     state.error = exc.error if isinstance(exc, _NoOtherReplica) else exc
         except asyncio.CancelledError:
-            # The request was cancelled (caller gone): end now, whatever was pending.
-            state.error = TaskCancelledError(f"{task.expert}: request cancelled")
+            # The request was cancelled (caller gone), or its plan cut this task: end
+            # now, whatever was pending.
+            state.error = state.cut or TaskCancelledError(f"{task.expert}: request cancelled")
         except ChorusError as exc:
             state.error = exc  # bad input, Ray-cancelled call: neither retried nor passed on
         outcome = "succeeded" if state.completion else _COUNTER[status_of(state.error)]
         self.counters[outcome] += 1
+        return state.result()
+
+    def unrun(self, state: TaskRun, error: ChorusError) -> TaskResult:
+        """The result of a task whose job was cancelled before `run` began: its plan's
+        cut (`state.cut`), else `error`; counted like every other outcome."""
+        state.error = state.cut or error
+        self.counters[_COUNTER[status_of(state.error)]] += 1
         return state.result()
 
     async def _on(self, expert: str, state: TaskRun) -> Completion:
@@ -206,22 +227,50 @@ class TaskRunner:
             self.notify(state.task, Retrying(state.task.id, state.attempts, expert,
                                              seconds, reason))
 
-        async for attempt in build_retrying(self.retry, waited):
-            with attempt:
-                try:
-                    return await self._attempt(expert, state)
-                except TransientError as exc:
-                    state.error = exc
-                    await self._hand_off(expert, state, exc)
-                    if isinstance(exc, StalledError):  # never the same replica again
-                        state.stalled.add(state.replicas[-1])
-                        if not self.dispatcher.others(expert, frozenset(state.stalled)):
-                            raise _NoOtherReplica(exc) from None
-                    raise
+        refused: list[BudgetError] = []
+
+        def no_room(wait_s: float) -> bool:  # tenacity's stop: the budget left no room
+            if (why := self._no_room(expert, state, wait_s)) is not None:
+                refused.append(why)
+            return why is not None
+
+        try:
+            async for attempt in build_retrying(self.retry, waited, no_room):
+                with attempt:
+                    try:
+                        return await self._attempt(expert, state)
+                    except TransientError as exc:
+                        state.error = exc
+                        await self._hand_off(expert, state, exc)
+                        if isinstance(exc, StalledError):  # never the same replica again
+                            state.stalled.add(state.replicas[-1])
+                            if not self.dispatcher.others(expert, frozenset(state.stalled)):
+                                raise _NoOtherReplica(exc) from None
+                        raise
+        except TransientError:
+            if refused:
+                raise refused[0] from None
+            raise
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _no_room(self, expert: str, state: TaskRun, wait_s: float = 0.0) -> BudgetError | None:
+        """Why another attempt on `expert` (after `wait_s`) cannot finish within the
+        budget, by the expert's recent p50 latency; None when it can (or no budget)."""
+        if state.budget_until is None:
+            return None
+        left = state.budget_until - time.monotonic() - wait_s
+        p50 = self.latency.latency(expert)
+        if left > 0 and (p50 is None or p50 <= left):
+            return None
+        needs = f"its recent p50 latency is {p50:.2f}s" if p50 is not None else "none"
+        last = f"; the last attempt: {state.error.message}" if state.error else ""
+        return BudgetError(f"{expert}: no attempt started: {max(left, 0):.2f}s of the "
+                           f"latency budget left, {needs}{last}")
 
     async def _attempt(self, expert: str, state: TaskRun) -> Completion:
         task, left = state.task, state.remaining_s()
+        if state.attempts and (why := self._no_room(expert, state)) is not None:
+            raise why  # a retry or a fallback that cannot finish in the budget
         if left <= 0:  # nothing is started after the deadline
             raise DeadlineError(f"{expert}: no complete answer within the deadline of "
                                 f"{task.timeout_s:g}s ({state.attempts} attempt(s) made)")
@@ -246,8 +295,11 @@ class TaskRunner:
             self.counters["dispatched"] += 1
             self.notify(task, Dispatched(task.id, state.attempts, expert, lease.replica, key,
                                           lease.actor))
+            began = time.monotonic()
             try:
-                return await self.dispatcher.invoke(lease, attempt_task, key)
+                completion = await self.dispatcher.invoke(lease, attempt_task, key)
+                self.latency.add(expert, time.monotonic() - began, completion.ttft_s)
+                return completion
             except StalledError:
                 lease.outcome = "failed"  # a replica that stalls is not healthy
                 raise
@@ -289,4 +341,4 @@ class _NoOtherReplica(Exception):
 
 
 _COUNTER = {TaskStatus.ERROR: "failed", TaskStatus.TIMEOUT: "timed_out",
-            TaskStatus.CANCELLED: "cancelled"}
+            TaskStatus.CANCELLED: "cancelled", TaskStatus.BUDGET: "budget"}
