@@ -28,7 +28,12 @@ from ray.actor import ActorHandle
 from actors.dispatch import RayDispatcher
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
-from orchestration.errors import QueueFullError, RateLimitedError, TaskCancelledError
+from orchestration.errors import (
+    InternalError,
+    QueueFullError,
+    RateLimitedError,
+    TaskCancelledError,
+)
 from orchestration.ledger import Ledger
 from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult
 from orchestration.replicas import ReplicaPool
@@ -346,10 +351,8 @@ class ExecutorActor:
             result = self.runner.unrun(run.states[task.id], TaskCancelledError(
                 f"{task.expert}: request cancelled before dispatch"))
         elif (exc := job.exception()) is not None:
-            self.runner.counters["failed"] += 1
-            result = TaskResult(task_id=task.id, expert=task.expert, role=task.role,
-                                status=TaskStatus.ERROR,
-                                error=f"{task.expert}: internal error: {exc!r}")
+            result = self.runner.unrun(run.states[task.id], InternalError(
+                f"{task.expert}: internal error: {exc!r}"))
         else:
             result = job.result()
         self._charge(run.plan.tenant, task.expert, result)

@@ -199,17 +199,6 @@ class RetryConfig(_Section):
     jitter: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
-class HedgeConfig(_Section):
-    """A second copy of an attempt whose first token is late (docs/budget.md#hedging)."""
-
-    enabled: bool = False
-    # Seconds without a first token before the hedge; `auto`: the expert's recent p95
-    # TTFT (no hedge until it has one).
-    after_s: PositiveFloat | Literal["auto"] = "auto"
-    # At most this fraction of an expert's attempts are hedges.
-    max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
-
-
 class ExecutorConfig(_Section):
     max_in_flight: PositiveInt = 16
     max_queue: PositiveInt = 256
@@ -239,7 +228,6 @@ class ExecutorConfig(_Section):
     # The team's latency budget for a request that names none (docs/budget.md); unset:
     # no budget, every specialist is waited for (up to its timeouts).
     budget_s: PositiveFloat | None = None
-    hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     resources: ActorResources = Field(default_factory=ActorResources)
 
     @model_validator(mode="after")

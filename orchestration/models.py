@@ -316,8 +316,6 @@ class TaskEvent(_Model):
     attempt: int
     replica: str | None = None
     reason: str | None = None
-    # A second copy of a slow attempt, on another replica (docs/budget.md#hedging).
-    hedged: bool = False
 
 
 class ExpertDelta(_Model):

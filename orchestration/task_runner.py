@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestration.config import RetryConfig
-from orchestration.latency import RecentLatency
 from orchestration.errors import (
     AnswerInterruptedError,
     BudgetError,
@@ -53,6 +52,7 @@ from orchestration.errors import (
     TaskTimeoutError,
     TransientError,
 )
+from orchestration.latency import RecentLatency
 from orchestration.models import ExpertTask, TaskResult, TaskStatus
 from orchestration.scheduling import build_retrying
 from orchestration.tools import json_constraint
