@@ -22,7 +22,8 @@ import httpx
 from orchestration.capacity import placement_problems
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-STATUS_COLOURS = {"success": "32", "error": "31", "timeout": "33", "cancelled": "2"}
+STATUS_COLOURS = {"success": "32", "error": "31", "timeout": "33", "cancelled": "2",
+                  "budget": "33"}
 
 
 def _sse_event(event: str, data: list[str]) -> tuple[str, dict[str, Any]] | None:
@@ -225,7 +226,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"prompt": args.prompt, "stream": True, "priority": args.priority}
     optional = {"experts": args.expert, "primary": args.primary, "strategy": args.strategy,
                 "timeout_s": args.timeout, "max_tokens": args.max_tokens,
-                "temperature": args.temperature}
+                "temperature": args.temperature, "budget_s": args.budget,
+                "min_experts": args.min_experts}
     body.update({k: v for k, v in optional.items() if v is not None})
     kind = JsonRenderer if args.json else Renderer
     renderer = kind(sys.stdout, colour=use_colour(sys.stdout))
@@ -343,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-tokens", type=int)
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--timeout", type=float, help="per-task timeout in seconds")
+    ask.add_argument("--budget", type=float, help="latency budget of the whole answer (s)")
+    ask.add_argument("--min-experts", type=int, help="fuse once this many specialists answered")
     ask.add_argument("--json", action="store_true", help="one JSON line per event")
     ask.set_defaults(func=cmd_ask)
     sub.add_parser("stats", help="executor and per-expert stats").set_defaults(func=cmd_stats)

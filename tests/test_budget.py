@@ -146,3 +146,21 @@ def test_a_bad_budget_or_quorum_is_a_422_naming_the_field(url: str, field: str,
                           timeout=30)
     assert response.status_code == 422
     assert response.json()["error"]["param"] == field
+
+
+def test_chorus_ask_takes_a_budget_and_a_quorum(url: str) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    chorus = Path(sys.executable).parent / "chorus"
+    out = subprocess.run(
+        [str(chorus), "--url", url, "ask", "p", "--primary", "general", "--expert", "slow",
+         "--expert", "quick", "--budget", "1", "--min-experts", "1", "--json"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    done = json.loads(out.splitlines()[-1])
+    assert done["type"] == "done" and done["timings"]["budget_s"] == 1
+    status = {r["expert"]: (r["status"], r["error_code"]) for r in done["experts"]}
+    # quick answered at once, so the quorum cut slow before the budget did
+    assert status == {"quick": ("success", None), "slow": ("cancelled", "quorum_reached")}
