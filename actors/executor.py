@@ -348,7 +348,8 @@ class ExecutorActor:
         # A job cancelled before its first step never ran the runner, and a bug must
         # not leave a plan waiting forever: both still end with one result here.
         if job.cancelled():
-            result = self.runner.unrun(run.states[task.id], TaskCancelledError(
+            state = run.states[task.id]  # (cut by its plan before its first step, maybe)
+            result = self.runner.unrun(state, state.cut or TaskCancelledError(
                 f"{task.expert}: request cancelled before dispatch"))
         elif (exc := job.exception()) is not None:
             result = self.runner.unrun(run.states[task.id], InternalError(
@@ -410,4 +411,3 @@ class ExecutorActor:
                 self.router.set_load.remote(*load)  # fire and forget: a stale load is fine
             sent = load
             await asyncio.sleep(self.config.router.load_publish_s)
-

@@ -211,9 +211,9 @@ class TaskRunner:
         return state.result()
 
     def unrun(self, state: TaskRun, error: ChorusError) -> TaskResult:
-        """The result of a task whose job was cancelled before `run` began: its plan's
-        cut (`state.cut`), else `error`; counted like every other outcome."""
-        state.error = state.cut or error
+        """The result, ending with `error`, of a task whose job never ran `run` to its
+        end (cancelled before its first step, or a bug); counted like every other."""
+        state.error = error
         self.counters[_COUNTER[status_of(state.error)]] += 1
         return state.result()
 
@@ -262,10 +262,10 @@ class TaskRunner:
         p50 = self.latency.latency(expert)
         if left > 0 and (p50 is None or p50 <= left):
             return None
-        needs = f"its recent p50 latency is {p50:.2f}s" if p50 is not None else "none"
+        needs = f", its recent p50 latency is {p50:.2f}s" if p50 is not None else ""
         last = f"; the last attempt: {state.error.message}" if state.error else ""
         return BudgetError(f"{expert}: no attempt started: {max(left, 0):.2f}s of the "
-                           f"latency budget left, {needs}{last}")
+                           f"latency budget left{needs}{last}")
 
     async def _attempt(self, expert: str, state: TaskRun) -> Completion:
         task, left = state.task, state.remaining_s()

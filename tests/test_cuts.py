@@ -82,7 +82,8 @@ class CutMachine(RuleBasedStateMachine):
 
     def _finished(self, task: ExpertTask, job: asyncio.Task) -> None:
         """What the executor does with each result (actors/executor.py `_finished`)."""
-        result = (self.runner.unrun(self.run.states[task.id], EngineError("never ran"))
+        state = self.run.states[task.id]
+        result = (self.runner.unrun(state, state.cut or EngineError("never ran"))
                   if job.cancelled() else job.result())
         assert task.id not in self.run.results, "a task ended twice"
         self.run.results[task.id] = result
