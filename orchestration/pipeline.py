@@ -170,9 +170,11 @@ async def finish_stream(
     state = _Finisher(call, first, config, synthesize)
     live = state.guard.stream()
     specialists: dict[str, Any] = {}  # task id -> guard window of a streamed specialist
+    last: PrimaryDelta | None = None  # the guard's held tail is of its attempt and expert
     yield first
     async for event in events:
         if isinstance(event, PrimaryDelta):
+            last = event
             if safe := live.feed(event.delta):
                 call.first_token()
                 yield event if safe == event.delta else event.model_copy(update={"delta": safe})
@@ -190,8 +192,9 @@ async def finish_stream(
         elif isinstance(event, DoneEvent):
             if tail := live.flush():
                 call.first_token()
-                yield PrimaryDelta(request_id=state.request_id, expert=first.plan.primary.expert,
-                                   delta=tail)
+                yield PrimaryDelta(request_id=state.request_id, delta=tail,
+                                   expert=last.expert if last else first.plan.primary.expert,
+                                   attempt=last.attempt if last else 1)
             async for final in state.finish(event):
                 yield final
             return
