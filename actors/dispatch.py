@@ -3,9 +3,10 @@
 `RayDispatcher` implements the task runner's `Dispatcher` protocol: `slot` waits for
 the scheduler's grant and picks the replica (`orchestration.replicas`) — when every
 replica of the expert is one whose process died, it first waits (up to the task's
-timeout) for one to answer again; `invoke` calls
-`ExpertActor.run`, and cancelling the await cancels the ref (`ray.cancel`), so a
-deadline or a caller that went away reaches the engine. Ray's errors are translated by
+timeout) for one to answer again; a hedge's `slot` takes a slot now or none. `invoke`
+calls `ExpertActor.run`, and cancelling the await cancels the ref (`ray.cancel`), so a
+deadline or a caller that went away reaches the engine; `hold` makes an attempt claim
+its first token from the executor (`gate`) before it sends it (docs/hedging.md). Ray's errors are translated by
 `actors.boundary`. `delivered` waits for a live caller's answer to a `Handoff` (what
 it has of a broken-off answer), which the executor passes on (`on_delivered`).
 """
@@ -59,19 +60,28 @@ class RayDispatcher:
         self.outstanding: dict[str, Any] = {}  # attempt key -> ObjectRef
         self._revivals: dict[str, asyncio.Future[None]] = {}  # actor name -> its `ready`
         self._handoffs: dict[tuple[str, int], asyncio.Future[str]] = {}  # (task, attempt)
+        # Where a held attempt claims its first token (the executor: `first_token`).
+        self.gate: Any = None
 
     @asynccontextmanager
-    async def slot(self, expert: str, task: ExpertTask,
-                   avoid: frozenset[str] = frozenset()) -> AsyncIterator[RayLease]:
-        await self._until_back(expert, task.timeout_s)
+    async def slot(self, expert: str, task: ExpertTask, avoid: frozenset[str] = frozenset(),
+                   spare: bool = False) -> AsyncIterator[RayLease]:
         plan_id, tenant = self._claim_of(task.id)
-        asked = time.monotonic()
-        grant = await self.slots.acquire(expert, plan_id, task.rank, tenant=tenant,
-                                         cost=prompt_cost(task))
-        self._granted(task, expert, time.monotonic() - asked)
+        if spare:  # a hedge: a slot now on a ready replica, or none (charged nothing)
+            grant = self.slots.try_acquire(expert, plan_id, task.rank, tenant=tenant)
+            if grant is None:
+                raise ExpertUnavailableError(f"{expert}: no spare slot for a hedge")
+        else:
+            await self._until_back(expert, task.timeout_s)
+            asked = time.monotonic()
+            grant = await self.slots.acquire(expert, plan_id, task.rank, tenant=tenant,
+                                             cost=prompt_cost(task))
+            self._granted(task, expert, time.monotonic() - asked)
         try:
             pool = self.pools.get(expert)
             replica = pool.pick(time.monotonic(), avoid) if pool is not None else None
+            if spare and replica is not None and replica.health(time.monotonic()) != "healthy":
+                replica = None
             if pool is None or replica is None:
                 raise ExpertUnavailableError(f"{expert}: no replica to dispatch to")
             pool.started(replica)
@@ -128,8 +138,25 @@ class RayDispatcher:
         finally:
             self._revivals.pop(replica.name, None)
 
-    async def invoke(self, lease: RayLease, task: ExpertTask, key: str) -> Completion:
-        ref = lease.target.handle.run.remote(task, key, self._streams(task.id))
+    def spare(self, expert: str, task: ExpertTask, avoid: frozenset[str]) -> bool:
+        pool = self.pools.get(expert)
+        if pool is None or not self.slots.has_room(expert, *self._claim_of(task.id)) \
+                or self.slots.waiting_per_expert[expert]:
+            return False
+        now = time.monotonic()
+        return any(r.health(now) == "healthy" and r.in_flight < r.capacity
+                   and r.label not in avoid for r in pool.replicas.values())
+
+    async def hold(self, lease: RayLease, key: str) -> bool:
+        try:
+            return bool(await lease.target.handle.hold.remote(key, self.gate))
+        except Exception:  # the replica is gone: its attempt finds out
+            return False
+
+    async def invoke(self, lease: RayLease, task: ExpertTask, key: str,
+                     gated: bool = False) -> Completion:
+        ref = lease.target.handle.run.remote(task, key, self._streams(task.id),
+                                             self.gate if gated else None)
         self.outstanding[key] = ref
         try:
             completion = await ref

@@ -25,16 +25,15 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 
+from actors.accounts import TenantAccounts
 from actors.dispatch import RayDispatcher
 from actors.metrics import metrics
 from orchestration.config import ChorusConfig
 from orchestration.errors import (
     InternalError,
     QueueFullError,
-    RateLimitedError,
     TaskCancelledError,
 )
-from orchestration.ledger import Ledger
 from orchestration.models import ExecutionPlan, ExecutorLoad, ExpertTask, TaskResult
 from orchestration.replicas import ReplicaPool
 from orchestration.runs import RequestRun, Session
@@ -74,16 +73,18 @@ class ExecutorActor:
                                        for label, (handle, name) in found.items() if handle}, now)
         self.slots = SlotScheduler(config.executor.max_in_flight,
                                    {name: pool.capacity(now) for name, pool in self.pools.items()})
-        self.ledger = Ledger(config.tenants)  # per-tenant limits and usage
-        self._share(config)
+        self.accounts = TenantAccounts(config, self.slots)  # limits, usage, fair share
         self.requests: dict[str, RequestRun] = {}
         self.sessions: dict[str, Session] = {}  # caller -> its records
         self._task_runs: dict[str, RequestRun] = {}  # task id -> its request
         self.dispatcher = RayDispatcher(self.slots, self.pools, self._claim, self._streams,
                                         self._refresh_limit, self._granted)
         self._cooling_timers: dict[str, asyncio.TimerHandle] = {}
+        self.dispatcher.gate = ray.get_runtime_context().current_actor  # `first_token`
         self.runner = TaskRunner(self.dispatcher, config.executor.retry,
-                                 {e.name: e.fallback for e in config.experts}, self._notify)
+                                 {e.name: e.fallback for e in config.experts}, self._notify,
+                                 config.executor.hedge, self._hedged)
+        self._hedging(config)
         self.counters: Counter[str] = Counter()
         self._unfinished = 0  # accepted tasks without a result yet
         self._publisher: asyncio.Task[None] | None = None
@@ -94,6 +95,11 @@ class ExecutorActor:
     def delivered(self, task_id: str, attempt: int, text: str) -> None:
         """A caller's answer to a `Handoff`: the text it has of that task's answer."""
         self.dispatcher.on_delivered(task_id, attempt, text)
+
+    @ray.method(enable_task_events=False)
+    def first_token(self, key: str) -> bool:
+        """A held attempt's first token: whether it won its race (docs/hedging.md)."""
+        return self.runner.claim(key)
 
     def load(self) -> ExecutorLoad:
         active, queued = self._load()
@@ -183,9 +189,9 @@ class ExecutorActor:
                 pool.cooldown_s = config.scaling.cooldown_s
             self._refresh_limit(expert.name)
         self.slots.set_max_in_flight(config.executor.max_in_flight)
-        self.ledger.configure(config.tenants)
-        self._share(config)
+        self.accounts.configure(config)
         self.runner.retry = config.executor.retry
+        self._hedging(config)
         self.runner.fallbacks = {e.name: e.fallback for e in config.experts}
 
     def forget_expert(self, expert: str) -> None:
@@ -197,11 +203,6 @@ class ExecutorActor:
     async def vigil(self) -> None:
         """Never returns: the supervisor learns of this process's death when it fails."""
         await asyncio.Event().wait()
-
-    def _share(self, config: ChorusConfig) -> None:
-        """Tenants' weights and caps, and whether the scheduler shares by tenant."""
-        self.slots.set_tenants({t.name: (t.weight, t.max_in_flight) for t in config.tenants})
-        self.slots.set_fair_share(config.executor.fair_share)
 
     def _pool(self, expert: str, capacity_each: int) -> ReplicaPool:
         scaling = self.config.scaling
@@ -249,14 +250,9 @@ class ExecutorActor:
             "sessions": len(self.sessions),
             "counters": {**self.counters, **self.runner.counters},
             "continued": dict(self.runner.continued),  # expert -> attempts that continued
-            "tenants": self._tenant_stats(),
+            "hedged": {e: self.runner.hedging.fraction(e) for e in self.pools},  # recent share
+            "tenants": self.accounts.stats(),
         }
-
-    def _tenant_stats(self) -> dict[str, dict[str, Any]]:
-        """Per tenant: its usage and limits (the ledger), and its share now (the slots)."""
-        shares = self.slots.tenant_stats()
-        return {name: {**usage, **shares.get(name, {})}
-                for name, usage in self.ledger.stats().items()}
 
     # ------------------------------------------------------------------ plan life
 
@@ -285,9 +281,7 @@ class ExecutorActor:
         return plan.id, plan.tenant
 
     def _granted(self, task: ExpertTask, expert: str, waited_s: float) -> None:
-        tenant = self.ledger.known(self._task_runs[task.id].plan.tenant)
-        self.ledger.queued(tenant, expert, waited_s)
-        metrics().tenant_queue.observe(waited_s, tags={"tenant": tenant, "expert": expert})
+        self.accounts.queued(self._task_runs[task.id].plan.tenant, expert, waited_s)
 
     def _streams(self, task_id: str) -> str | None:
         """The caller that reads this task's text live, if any."""
@@ -295,6 +289,13 @@ class ExecutorActor:
         if run.session is None or not next(t.stream for t in run.plan.tasks if t.id == task_id):
             return None
         return run.session.caller
+
+    def _hedging(self, config: ChorusConfig) -> None:
+        self.runner.hedging.config = config.executor.hedge
+        self.runner.hedging.exempt = frozenset(e.name for e in config.experts if not e.hedge)
+
+    def _hedged(self, expert: str, outcome: str) -> None:
+        metrics().hedges.inc(tags={"expert": expert, "outcome": outcome})
 
     def _notify(self, task: ExpertTask, record: Record) -> None:
         self._last_progress = time.monotonic()
@@ -312,18 +313,11 @@ class ExecutorActor:
             raise QueueFullError(f"request {plan.request_id} is already running")
         if queued + len(plan.tasks) > limit and not plan.follow_up:
             self.counters["refused"] += 1
-            self._refused(plan, "queue_full")
+            self.accounts.refused(plan, "queue_full")
             raise QueueFullError(
                 f"executor queue is full ({queued} queued, max_queue={limit}); retry later")
-        try:  # a follow-up (a synthesis) is part of a request admitted already
-            ratelimit = (self.ledger.headers if plan.follow_up else self.ledger.admit)(plan.tenant)
-        except RateLimitedError as exc:  # the ledger counted it; the metric, here
-            self._refused(plan, exc.field or "rate_limited", counted=True)
-            raise
+        ratelimit = self.accounts.admit(plan)  # (raises RateLimitedError)
         self.counters["accepted_plans"] += 1
-        if not plan.follow_up:
-            metrics().tenant_requests.inc(tags={"tenant": self.ledger.known(plan.tenant),
-                                                "expert": plan.primary.expert})
         run = self.requests[plan.request_id] = RequestRun(plan, session, ratelimit)
         if session is not None:
             session.runs[plan.request_id] = run
@@ -356,7 +350,7 @@ class ExecutorActor:
                 f"{task.expert}: internal error: {exc!r}"))
         else:
             result = job.result()
-        self._charge(run.plan.tenant, task.expert, result)
+        self.accounts.charge(run.plan.tenant, task.expert, result)
         self._unfinished -= 1
         self._last_progress = time.monotonic()
         metrics().tasks.inc(tags={"expert": task.expert, "status": result.status.value})
@@ -374,23 +368,6 @@ class ExecutorActor:
         else:
             self.counters["quorum_cuts"] += run.cut_at_quorum()
         self._load_changed()
-
-    def _refused(self, plan: ExecutionPlan, reason: str, counted: bool = False) -> None:
-        if not counted:
-            self.ledger.refuse(plan.tenant, reason)
-        metrics().tenant_refusals.inc(tags={"tenant": self.ledger.known(plan.tenant),
-                                            "expert": plan.primary.expert, "reason": reason})
-
-    def _charge(self, tenant: str, expert: str, result: TaskResult) -> None:
-        """The engine's counts of a task (every attempt's prompt and answer) to its tenant:
-        its token window, its usage, and its weighted service in the scheduler."""
-        prompt, out = result.prompt_tokens or 0, result.tokens
-        self.ledger.charge(tenant, expert, prompt, out)
-        self.slots.charge(tenant, out)  # the prompt was charged (estimated) at the grant
-        tags = {"tenant": self.ledger.known(tenant), "expert": expert}
-        for kind, count in (("in", prompt), ("out", out)):
-            if count:  # a Ray counter takes positive increments only
-                metrics().tenant_tokens.inc(count, tags={**tags, "kind": kind})
 
     # ------------------------------------------------------------------ load publishing
 

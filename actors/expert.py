@@ -12,6 +12,10 @@ A task with a `prefix` continues an answer an earlier attempt began (docs/failov
 the engine generates what follows, only that is streamed, and the Completion holds the
 whole answer. An attempt that fails with a transient error says what it had generated
 (`TransientError.generated`), so the next attempt can continue it.
+
+A *held* attempt (a hedge, or one whose first token is late: `hold`) claims its first
+token from the executor before it sends it; only the winner of its race sends any
+text (docs/hedging.md).
 """
 
 from __future__ import annotations
@@ -23,13 +27,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
 from actors.engines import Delta, Engine, GenerationRequest, make_engine, tool_calls
 from orchestration.coalesce import Channels
 from orchestration.config import ExpertConfig, StreamConfig
-from orchestration.errors import AnswerInterruptedError, StalledError, TransientError
+from orchestration.errors import (
+    AnswerInterruptedError,
+    StalledError,
+    TaskCancelledError,
+    TransientError,
+)
 from orchestration.generation import Message, chat_turns
 from orchestration.models import ExpertTask
+from orchestration.replicas import replica_index
 from orchestration.wire import Completion
 
 
@@ -104,9 +115,11 @@ class ExpertActor:
     def __init__(self, config: ExpertConfig, replica: str, stream: StreamConfig) -> None:
         self.config = config
         self.replica = replica
-        self.engine: Engine = make_engine(config)
+        self.engine: Engine = make_engine(config, replica_index(replica))
         self.channels = Channels(linger_s=stream.linger_s)
         self._started: asyncio.Task[None] | None = None
+        # Attempts without a first token yet -> where they claim it (held), or None.
+        self._tokenless: dict[str, ActorHandle | None] = {}
         self.pid = os.getpid()
         self.node_id = ray.get_runtime_context().get_node_id()
         # Ray re-runs __init__ after a crash; this tells the restart apart from a start.
@@ -131,8 +144,10 @@ class ExpertActor:
                 "pid": self.pid}
 
     @ray.method(enable_task_events=False)  # hot path: see docs/token-path.md
-    async def run(self, task: ExpertTask, key: str, caller: str | None) -> Completion:
-        """Generate one attempt's whole answer; for a `caller`, publish it as it comes."""
+    async def run(self, task: ExpertTask, key: str, caller: str | None,
+                  gate: ActorHandle | None = None) -> Completion:
+        """Generate one attempt's whole answer; for a `caller`, publish it as it comes.
+        Held (a `gate`, or `hold` since): its first token is claimed from the gate first."""
         await self._ensure_started()
         channels = self.channels
         channel = channels.open(key, caller) if caller is not None else None
@@ -141,6 +156,7 @@ class ExpertActor:
         done = Completion(replica=self.replica)
         choices: dict[int, _Choice] = {}
         prefix_tokens = 0
+        self._tokenless[key] = gate
         try:
             if task.prefix and not getattr(self.engine, "continues", True):
                 raise AnswerInterruptedError(
@@ -150,6 +166,7 @@ class ExpertActor:
                                       self.config.name):
                 if done.ttft_s is None:
                     done.ttft_s = loop.time() - began
+                    await self._claim(key, task)
                 if delta.prompt_tokens is not None:
                     done.prompt_tokens = delta.prompt_tokens
                 if delta.prefix_tokens is not None:
@@ -161,6 +178,7 @@ class ExpertActor:
             exc.generated = "".join(choices[0].parts) if 0 in choices else ""
             raise
         finally:
+            self._tokenless.pop(key, None)
             if channel is not None:  # ended, whole or not: its session sends the rest
                 channels.finish(channel)
         done = self._completed(done, task,
@@ -169,6 +187,22 @@ class ExpertActor:
             done.text = task.prefix + done.text
             done.completion_tokens += prefix_tokens
         return done
+
+    async def _claim(self, key: str, task: ExpertTask) -> None:
+        """At an attempt's first token: a held one asks its gate whether it won (its
+        hedge may have answered first: then it is cancelled, and sends nothing)."""
+        gate = self._tokenless.pop(key, None)
+        if gate is not None and not await gate.first_token.remote(key):
+            raise TaskCancelledError(f"{self.config.name}: attempt {task.attempt} lost to "
+                                     "its hedge (docs/hedging.md)")
+
+    def hold(self, key: str, gate: ActorHandle) -> bool:
+        """Hold attempt `key` if it has no token yet: it claims its first from `gate`.
+        False: it has a token already, or is not running here."""
+        if key not in self._tokenless:
+            return False
+        self._tokenless[key] = gate
+        return True
 
     def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:
         """Choice 0 in the Completion's fields, the others in `extras["samples"]`."""

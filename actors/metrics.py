@@ -21,6 +21,9 @@ class Metrics:
             tag_keys=("expert", "status"),
         )
         self.retries = Counter("chorus_retries_total", "Task retries.", tag_keys=("expert",))
+        self.hedges = Counter(
+            "chorus_hedges_total", "Hedges of a slow first token by outcome (won: the hedge "
+            "answered first, lost: the first attempt did).", tag_keys=("expert", "outcome"))
         self.queue_depth = Gauge("chorus_queue_depth", "Tasks accepted and not yet dispatched.")
         self.in_flight = Gauge("chorus_in_flight", "Outstanding expert ObjectRefs.")
         self.ttft = Histogram(

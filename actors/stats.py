@@ -53,6 +53,8 @@ async def team_stats(registry: Registry, supervisor: Supervisor | None, scaler: 
         entry["state"] = first["supervision"]["status"]
         # Attempts that continued an answer another attempt began (docs/failover.md).
         entry["continuations"] = executor.get("continued", {}).get(expert, 0)
+        # The share of its recent attempts that were hedges (docs/hedging.md).
+        entry["hedged"] = executor.get("hedged", {}).get(expert, 0.0)
         if scaler is not None and expert in configured:
             entry["scaling"] = scaler.describe(expert)
     return {"router": {**_describe(answers[-1], timeout_s),

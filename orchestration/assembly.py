@@ -11,6 +11,9 @@ which replicas to open a session with. No I/O, no Ray.
 Rules, per streamed task (the primary, a synthesis, or any task with `stream_experts`):
 - text counts only from the task's *current* attempt; text of an earlier attempt is
   ignored, and text of a later one waits for its `Dispatched` record;
+- a hedge (`Dispatched.hedged`) does not replace the current attempt: of the two, only
+  the one that won sends text (docs/hedging.md), so the hedge's first text, or its
+  hand-off, makes it current;
 - one answer per task: every attempt after the first continues the text the caller
   has (a retry, another replica, the fallback expert alike; docs/failover.md), so its
   text is appended, and its deltas carry the new `attempt` (and expert);
@@ -73,6 +76,18 @@ class _Stream:
     sent: list[str] = field(default_factory=list)  # the answer sent so far, in pieces
     emitted: int = 0  # its length
     early: dict[str, list[str]] = field(default_factory=dict)  # text of later attempts
+    # A hedge of the current attempt: only the winner of the two sends text, so its
+    # first text (or its hand-off) makes it current; `blind`: its text session broke.
+    hedge: Dispatched | None = None
+    blind: bool = False
+
+    def switch(self, record: Dispatched) -> None:
+        """Attempt `record` is the one whose text counts from now on (none of a hedge
+        whose text session broke: its result fills the answer)."""
+        blind = self.blind and record is self.hedge
+        self.expert, self.attempt, self.actor = record.expert, record.attempt, record.actor
+        self.key = None if blind else record.key
+        self.hedge, self.blind = None, False
 
     def text(self) -> str:
         if len(self.sent) > 1:
@@ -116,6 +131,8 @@ class Assembly:
         stream = self.streams.get(task_of(key))
         if stream is None or not text:
             return []  # not streamed here, or the task already ended
+        if key != stream.key and stream.hedge is not None and key == stream.hedge.key:
+            stream.switch(stream.hedge)  # the hedge won: it sends text, the other never will
         if key != stream.key:
             if attempt_of(key) > stream.attempt:  # its `Dispatched` is still on its way
                 stream.early.setdefault(key, []).append(text)
@@ -129,6 +146,8 @@ class Assembly:
         for stream in self.streams.values():
             if stream.key is not None and stream.actor == actor:
                 stream.key = None
+            if stream.hedge is not None and stream.hedge.actor == actor:
+                stream.blind = True
 
     def done(self) -> DoneEvent:
         primary = self.results.get(self.plan.primary.id)
@@ -141,13 +160,16 @@ class Assembly:
         task = self.tasks[record.task_id]
         step.events.append(TaskEvent(
             request_id=self.request_id, task_id=task.id, expert=record.expert, role=task.role,
-            state="running", attempt=record.attempt, replica=record.replica))
+            state="running", attempt=record.attempt, replica=record.replica,
+            hedged=record.hedged))
         stream = self.streams.get(task.id)
         if stream is None:
             return
-        stream.expert, stream.attempt, stream.key = record.expert, record.attempt, record.key
-        stream.actor = record.actor
         step.read.append(record.actor)
+        if record.hedged and record.key not in stream.early:
+            stream.hedge, stream.blind = record, False  # current only once it sends text
+            return
+        stream.switch(record)
         for key in [k for k in stream.early if attempt_of(k) <= record.attempt]:
             pieces = stream.early.pop(key)
             if key == record.key:
@@ -156,6 +178,9 @@ class Assembly:
 
     def _handoff(self, record: Handoff, step: Step) -> None:
         stream = self.streams.get(record.task_id)
+        if stream is not None and stream.hedge is not None \
+                and record.attempt == stream.hedge.attempt:
+            stream.switch(stream.hedge)  # the hedge won, and broke off before its text came
         if stream is None or record.attempt != stream.attempt:
             return  # not streamed here (the executor thinks otherwise: nothing to say)
         stream.key = None  # the failed attempt's late text is not part of the answer
@@ -176,7 +201,9 @@ class Assembly:
         self.results[result.task_id] = result
         stream = self.streams.get(result.task_id)
         if stream is not None:
-            stream.key, stream.early = None, {}
+            if stream.hedge is not None and result.hedges[-1:] == ["won"]:
+                stream.switch(stream.hedge)  # the rest below is the hedge's
+            stream.key, stream.early, stream.hedge = None, {}, None
             if result.ok and result.result is not None:
                 stream.expert = (result.served_by or [result.expert])[-1]
                 if rest := result.result[stream.emitted:]:

@@ -279,6 +279,9 @@ class TaskResult(_Model):
     # Per attempt: how many characters of the answer it continued from (0: it started
     # the answer; docs/failover.md).
     continued_from: list[int] = Field(default_factory=list)
+    # Each hedge of a slow first token dispatched for it: "won" (the hedge answered
+    # first) or "lost" (docs/hedging.md).
+    hedges: list[Literal["won", "lost"]] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -316,6 +319,7 @@ class TaskEvent(_Model):
     attempt: int
     replica: str | None = None
     reason: str | None = None
+    hedged: bool = False  # a hedge of a slow first token (docs/hedging.md)
 
 
 class ExpertDelta(_Model):

@@ -30,6 +30,11 @@ def replica_label(expert: str, index: int) -> str:
     return f"{expert}#{index}"
 
 
+def replica_index(label: str) -> int:
+    """The index of a replica label: `general#1` -> 1."""
+    return int(label.rpartition("#")[2] or 0)
+
+
 @dataclass
 class Replica:
     label: str  # "general#1"

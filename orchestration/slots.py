@@ -200,6 +200,20 @@ class SlotScheduler:
             raise
         return grant
 
+    def try_acquire(self, expert: str, plan_id: str, rank: int,
+                    tenant: str = DEFAULT_TENANT, cost: int = 0) -> Grant | None:
+        """A slot now or none (a hedge): granted at once when `expert` has room under
+        every bound and nobody waits for it — never queued, never ahead of a waiter.
+        `cost` may be 0: a copy of work already charged."""
+        if self.waiting_per_expert[expert] or not self.has_room(expert, plan_id, tenant):
+            return None
+        grant = Grant(expert, plan_id, rank, next(self._seq), tenant, max(0, cost))
+        grant.future = asyncio.get_running_loop().create_future()
+        self._enqueue(grant)
+        self._grant(grant)
+        self._pump()  # drops it from its heap; peak counts
+        return grant
+
     def release(self, grant: Grant) -> None:
         """Return a granted slot; a second release of the same grant is a no-op."""
         if grant.state is not WaiterState.GRANTED:

@@ -13,6 +13,9 @@
     under a latency budget (`budget_until`): a retry or a fallback whose expert's recent
         p50 latency does not fit what is left is not started; the task ends `budget`
         (a primary falls back early when its fallback fits; docs/budget.md)
+    hedging (`executor.hedge`): an attempt without a first token after `after_s` is
+        held and copied to another ready replica; the first of the two to claim its
+        first token wins, the other is cancelled (docs/hedging.md)
     bad input: ends at once (no retry, no fallback)
     cancellation (the request was cancelled, or Ray cancelled the expert's call):
         ends `cancelled` at once: never retried, never sent to a fallback; a task its
@@ -27,8 +30,9 @@ An answer that cannot be continued (`cannot_continue`) starts over while nobody 
 seen any of it, and otherwise ends the task with `AnswerInterruptedError`.
 
 The runner reaches experts only through a `Dispatcher` (the executor's Ray boundary
-implements it; tests pass a fake), and tells the caller what happens through
-`notify` (the `Dispatched` / `Handoff` / `Retrying` records of `orchestration.wire`).
+implements it; tests pass a fake), keeps each task's state in its `TaskRun`
+(`orchestration.task_run`), and tells the caller what happens through `notify` (the
+`Dispatched` / `Handoff` / `Retrying` records of `orchestration.wire`).
 """
 
 from __future__ import annotations
@@ -38,10 +42,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from orchestration.config import RetryConfig
+from orchestration.config import HedgeConfig, RetryConfig
 from orchestration.errors import (
     AnswerInterruptedError,
     BudgetError,
@@ -49,95 +51,17 @@ from orchestration.errors import (
     DeadlineError,
     StalledError,
     TaskCancelledError,
-    TaskTimeoutError,
     TransientError,
 )
+from orchestration.hedging import HedgePolicy, Race
 from orchestration.latency import RecentLatency
 from orchestration.models import ExpertTask, TaskResult, TaskStatus
 from orchestration.scheduling import build_retrying
+from orchestration.task_run import Dispatcher, Lease, TaskRun, status_of
 from orchestration.tools import json_constraint
-from orchestration.wire import Completion, Dispatched, Handoff, Record, Retrying, attempt_key
+from orchestration.wire import Completion, Dispatched, Handoff, Record, Retrying, attempt_of
 
-
-class Lease(Protocol):
-    """A granted slot on one replica of an expert."""
-
-    expert: str
-    replica: str  # its label, "general#0"
-    actor: str  # its actor's name (where the caller reads a streamed attempt's text)
-    outcome: str  # how the attempt ended, for the replica's health ("failed" on a deadline)
-
-
-class Dispatcher(Protocol):
-    """How the runner reaches experts."""
-
-    def slot(self, expert: str, task: ExpertTask,
-             avoid: frozenset[str] = frozenset()) -> AbstractAsyncContextManager[Lease]:
-        """Wait for a dispatch slot on `expert`, on a replica not in `avoid` (labels);
-        the slot is returned on exit."""
-
-    def others(self, expert: str, avoid: frozenset[str]) -> bool:
-        """Whether `expert` has a replica to dispatch to that is not in `avoid`."""
-
-    async def invoke(self, lease: Lease, task: ExpertTask, key: str) -> Completion:
-        """Run one attempt; cancelling this await must cancel the remote call."""
-
-    def live(self, task: ExpertTask) -> bool:
-        """Whether a caller reads this task's text as it is generated."""
-
-    async def delivered(self, task: ExpertTask, attempt: int) -> str:
-        """The text of `task`'s answer its live caller has, once it stopped taking the
-        text of `attempt` (after a `Handoff` without an answer)."""
-
-
-@dataclass
-class TaskRun:
-    """Everything known about one task while it runs: the runner's only state."""
-
-    task: ExpertTask
-    started: float = field(default_factory=time.monotonic)
-    stalled: set[str] = field(default_factory=set)  # replicas an attempt stalled on
-    served_by: list[str] = field(default_factory=list)  # expert of each attempt
-    replicas: list[str] = field(default_factory=list)  # replica of each attempt
-    waits: list[float] = field(default_factory=list)  # backoff before each retry
-    answer: str = ""  # the answer so far: the next attempt continues it
-    continued_from: list[int] = field(default_factory=list)  # len(answer) at each attempt
-    completion: Completion | None = None
-    error: ChorusError | None = None
-    # Under a latency budget: the moment (monotonic) by which the task must be done.
-    budget_until: float | None = None
-    cut: ChorusError | None = None  # why its plan cancelled it (budget, quorum), if it did
-
-    @property
-    def attempts(self) -> int:
-        return len(self.served_by)
-
-    def remaining_s(self) -> float:
-        """Seconds left of the task's deadline (its whole answer, retries included)."""
-        return self.started + self.task.timeout_s - time.monotonic()
-
-    def key(self) -> str:
-        """Where this attempt's text is written: unique per attempt."""
-        return attempt_key(self.task.id, self.attempts)
-
-    def result(self) -> TaskResult:
-        task, done = self.task, self.completion
-        fields: dict = {
-            "task_id": task.id, "expert": task.expert, "role": task.role,
-            "attempts": self.attempts, "latency_s": time.monotonic() - self.started,
-            "served_by": list(self.served_by), "replicas": list(self.replicas),
-            "retry_waits": list(self.waits), "continued_from": list(self.continued_from),
-        }
-        if done is not None:
-            return TaskResult(
-                status=TaskStatus.SUCCESS, result=done.text, ttft_s=done.ttft_s,
-                tokens=done.completion_tokens, prompt_tokens=done.prompt_tokens,
-                finish_reason=done.finish_reason, logprobs=done.extras.get("logprobs"),
-                tool_calls=done.extras.get("tool_calls"),
-                samples=done.extras.get("samples", []), **fields)
-        error = self.error or ChorusError(f"{task.expert}: no attempt was made")
-        return TaskResult(status=status_of(error), error=error.message,
-                          error_code=error.code, error_field=error.field, **fields)
+__all__ = ["Dispatcher", "Lease", "TaskRun", "TaskRunner", "cannot_continue", "status_of"]
 
 
 def cannot_continue(task: ExpertTask) -> str | None:
@@ -158,16 +82,6 @@ def cannot_continue(task: ExpertTask) -> str | None:
     return None
 
 
-def status_of(error: ChorusError) -> TaskStatus:
-    if isinstance(error, BudgetError):
-        return TaskStatus.BUDGET
-    if isinstance(error, TaskTimeoutError | DeadlineError):
-        return TaskStatus.TIMEOUT
-    if isinstance(error, TaskCancelledError):
-        return TaskStatus.CANCELLED
-    return TaskStatus.ERROR
-
-
 class TaskRunner:
     """Runs tasks to one result each, under one retry policy and fallback map."""
 
@@ -177,14 +91,19 @@ class TaskRunner:
         retry: RetryConfig,
         fallbacks: dict[str, str | None],
         notify: Callable[[ExpertTask, Record], None] = lambda task, record: None,
+        hedge: HedgeConfig | None = None,
+        on_hedge: Callable[[str, str], None] = lambda expert, outcome: None,
     ) -> None:
         self.dispatcher = dispatcher
         self.retry = retry
         self.fallbacks = fallbacks
         self.notify = notify
+        self.on_hedge = on_hedge  # (expert, "won" | "lost") of each hedge dispatched
         self.counters: Counter[str] = Counter()
         self.continued: Counter[str] = Counter()  # expert -> attempts that continued
         self.latency = RecentLatency()  # per expert: its recent successful attempts
+        self.hedging = HedgePolicy(hedge or HedgeConfig(), self.latency)
+        self.races: dict[str, Race] = {}  # attempt key -> the race it is held in
 
     async def run(self, state: TaskRun) -> TaskResult:
         """Always returns (never raises): cancellation becomes a `cancelled` result."""
@@ -243,7 +162,7 @@ class TaskRunner:
                         state.error = exc
                         await self._hand_off(expert, state, exc)
                         if isinstance(exc, StalledError):  # never the same replica again
-                            state.stalled.add(state.replicas[-1])
+                            state.stalled.add(state.replicas[state.current - 1])
                             if not self.dispatcher.others(expert, frozenset(state.stalled)):
                                 raise _NoOtherReplica(exc) from None
                         raise
@@ -282,22 +201,106 @@ class TaskRunner:
                                 f"{task.timeout_s:g}s (attempt {state.attempts})") from None
 
     async def _dispatch(self, expert: str, state: TaskRun) -> Completion:
+        """One attempt; hedged when its first token is late (docs/hedging.md)."""
+        slot = self.dispatcher.slot(expert, state.task, frozenset(state.stalled))
+        after = self.hedging.after_s(expert)
+        if after is None:
+            return await self._run_attempt(expert, state, slot)
+        launched: asyncio.Future[tuple[Lease, str]] = asyncio.get_running_loop().create_future()
+        main = asyncio.ensure_future(self._run_attempt(expert, state, slot, launched))
+        hedge: asyncio.Future[Completion] | None = None
+        try:
+            await asyncio.wait([main, launched], return_when=asyncio.FIRST_COMPLETED)
+            if not main.done():
+                await asyncio.wait([main], timeout=after)
+            if main.done():
+                return await main
+            lease, key = launched.result()
+            avoid = frozenset(state.stalled | {lease.replica})
+            if not (self.hedging.allows(expert) and self.dispatcher.spare(expert, state.task,
+                                                                          avoid)):
+                return await main
+            race = self.races[key] = Race(key)
+            try:
+                if not await self.dispatcher.hold(lease, key):
+                    return await main  # its first token came meanwhile
+                hedge = asyncio.ensure_future(self._run_attempt(
+                    expert, state, self.dispatcher.slot(expert, state.task, avoid, spare=True),
+                    race=race))
+                return await self._race(expert, state, race, main, hedge)
+            finally:
+                for held in (race.first, race.second):
+                    self.races.pop(held or "", None)
+        finally:
+            jobs = [job for job in (main, hedge) if job is not None]
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def _race(self, expert: str, state: TaskRun, race: Race,
+                    main: asyncio.Future[Completion], hedge: asyncio.Future[Completion]
+                    ) -> Completion:
+        """The held attempt and its hedge until one wins: the first to claim its first
+        token, or to finish, or the only one left. The loser is cancelled at once."""
+        while race.winner is None:
+            live = [job for job in (main, hedge) if not job.done()]
+            if not live:
+                return await main  # neither made a token: the held attempt's error
+            await asyncio.wait([*live, race.decided], return_when=asyncio.FIRST_COMPLETED)
+            for key, job in ((race.first, main), (race.second, hedge)):
+                if key is not None and job.done() and not job.cancelled() \
+                        and job.exception() is None:
+                    race.decide(key)  # an answer without a token (nothing to claim)
+        won = race.winner == race.second
+        loser = main if won else hedge
+        loser.cancel()
+        await asyncio.gather(loser, return_exceptions=True)
+        if race.second is not None:  # a hedge was dispatched (else nothing was hedged)
+            outcome = "won" if won else "lost"
+            state.hedges.append(outcome)
+            self.counters[f"hedges_{outcome}"] += 1
+            self.on_hedge(expert, outcome)
+            if won:
+                state.current = attempt_of(race.second)
+        return await (hedge if won else main)
+
+    def claim(self, key: str) -> bool:
+        """A held attempt has its first token: may it send it? (`Race.claim`; an attempt
+        no race knows any more lost it.)"""
+        race = self.races.get(key)
+        return race is not None and race.claim(key)
+
+    async def _run_attempt(self, expert: str, state: TaskRun,
+                           slot: AbstractAsyncContextManager[Lease],
+                           launched: asyncio.Future[tuple[Lease, str]] | None = None,
+                           race: Race | None = None) -> Completion:
+        """One attempt: its slot, its record, its call; a hedge (in `race`) is held
+        from its start."""
         task = state.task
-        async with self.dispatcher.slot(expert, task, frozenset(state.stalled)) as lease:
+        async with slot as lease:
             state.served_by.append(expert)
             state.replicas.append(lease.replica)
             key = state.key()
+            if race is not None:
+                race.second, self.races[key] = key, race
+            else:
+                state.current = state.attempts
             attempt_task = task.model_copy(update={"attempt": state.attempts,
                                                    "prefix": state.answer})
             state.continued_from.append(len(state.answer))
             if state.answer:
                 self.continued[expert] += 1
             self.counters["dispatched"] += 1
+            self.hedging.attempted(expert, race is not None)
             self.notify(task, Dispatched(task.id, state.attempts, expert, lease.replica, key,
-                                          lease.actor))
+                                          lease.actor, hedged=race is not None))
+            if launched is not None:
+                launched.set_result((lease, key))
             began = time.monotonic()
             try:
-                completion = await self.dispatcher.invoke(lease, attempt_task, key)
+                completion = await (self.dispatcher.invoke(lease, attempt_task, key, gated=True)
+                                    if race is not None else
+                                    self.dispatcher.invoke(lease, attempt_task, key))
                 self.latency.add(expert, time.monotonic() - began, completion.ttft_s)
                 return completion
             except StalledError:
@@ -308,25 +311,25 @@ class TaskRunner:
         """The live caller's text, waited for within the task's deadline."""
         try:
             async with asyncio.timeout(max(state.remaining_s(), 0)):
-                return await self.dispatcher.delivered(state.task, state.attempts)
+                return await self.dispatcher.delivered(state.task, state.current)
         except TimeoutError:
             raise DeadlineError(
                 f"{expert}: the answer broke off and its caller did not say what it had "
                 f"received within the deadline of {state.task.timeout_s:g}s "
-                f"(attempt {state.attempts})") from None
+                f"(attempt {state.current})") from None
 
     async def _hand_off(self, expert: str, state: TaskRun, exc: TransientError) -> None:
         """Settle the answer the next attempt continues (see the module's docstring)."""
         task, why = state.task, cannot_continue(state.task)
         known = None if why or exc.generated is None else state.answer + exc.generated
         if self.dispatcher.live(task):
-            self.notify(task, Handoff(task.id, state.attempts, known))
+            self.notify(task, Handoff(task.id, state.current, known))
             answer = known if known is not None else await self._delivered(expert, state)
             if why and answer:
                 raise AnswerInterruptedError(
                     f"{expert}: the answer broke off after {len(answer)} characters had "
                     f"reached the caller, and {why} cannot be continued "
-                    f"(attempt {state.attempts}: {exc.message})")
+                    f"(attempt {state.current}: {exc.message})")
         else:  # nobody has seen any of it: continue what is known, or start over
             answer = "" if why else known if known is not None else state.answer
         state.answer = answer

@@ -70,6 +70,8 @@ class Dispatched:
     replica: str
     key: str
     actor: str = ""  # the replica's actor name: where the caller reads the text
+    # A hedge of the current attempt (docs/hedging.md): its text counts only if it won.
+    hedged: bool = False
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from orchestration.assembly import Assembly
 from orchestration.coalesce import Channels, TextChannel
-from orchestration.models import ExecutionPlan, ExpertTask, PrimaryDelta, TaskResult, TaskStatus
+from orchestration.models import (
+    ExecutionPlan,
+    ExpertTask,
+    PrimaryDelta,
+    TaskEvent,
+    TaskResult,
+    TaskStatus,
+)
 from orchestration.wire import Closed, Dispatched, Finished, Handoff, Retrying
 
 TOKENS = st.lists(st.text(min_size=0, max_size=4), min_size=0, max_size=30)
@@ -203,3 +210,48 @@ def test_the_callers_text_is_always_a_prefix_of_the_answer_and_ends_equal_to_it(
     assert sent_after[-1] == answer
     assert all(answer.startswith(p) for p in prefix.values())
     assert [d.attempt for d in deltas] == sorted(d.attempt for d in deltas)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=WORDS, hedge_wins=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_a_hedged_attempt_and_its_hedge_give_the_caller_one_answer(
+        words, hedge_wins, seed) -> None:
+    """Attempt 1 is held and hedged by attempt 2 (docs/hedging.md); only the winner
+    sends text (the gate), in random pieces that may come before either `Dispatched`
+    record or after the result. The caller's text is the winner's, a prefix of the
+    answer at every step and equal to it at the end, each delta with the winner's
+    attempt; the hedge's record says `hedged`."""
+    rng = random.Random(seed)
+    winner = 2 if hedge_wins else 1
+    answer = "".join(words)
+    # Each path keeps its order (one session each): the records (both `Dispatched`,
+    # then the result) and the winner's text; the two interleave at random.
+    kinds = ["record"] * 3 + ["text"] * len(words)
+    rng.shuffle(kinds)
+    records = iter([("dispatched", 1), ("dispatched", 2), ("finished",)])
+    texts = iter(words)
+    order = [next(records) if kind == "record" else ("text", next(texts)) for kind in kinds]
+    assembly = Assembly(_plan())
+    deltas: list[PrimaryDelta] = []
+    events: list = []
+    replicas = {1: "a#0", 2: "a#1"}
+    for item in order:
+        if item[0] == "dispatched":
+            n = item[1]
+            step = assembly.on_records([Dispatched("t1", n, "a", replicas[n], f"t1:{n}",
+                                                   f"actor-{n}", hedged=n == 2)])
+            assert step.read == [f"actor-{n}"]
+            new = step.events
+        elif item[0] == "text":
+            new = assembly.on_text(f"t1:{winner}", item[1])
+        else:
+            result = _result(answer, ["a", "a"]).model_copy(
+                update={"hedges": ["won" if hedge_wins else "lost"]})
+            new = assembly.on_records([Finished(result)]).events
+        events += new
+        deltas += [e for e in new if isinstance(e, PrimaryDelta)]
+        assert answer.startswith("".join(d.delta for d in deltas))
+    assert "".join(d.delta for d in deltas) == answer
+    assert {d.attempt for d in deltas} <= {winner}
+    running = [e for e in events if isinstance(e, TaskEvent)]
+    assert [(e.attempt, e.hedged) for e in running] == [(1, False), (2, True)]

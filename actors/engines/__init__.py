@@ -6,12 +6,13 @@ from actors.engines.base import Delta, Engine, GenerationRequest
 from orchestration.config import ExpertConfig
 
 
-def make_engine(expert: ExpertConfig) -> Engine:
-    """Build the engine named by the expert's backend; vLLM is imported only when used."""
+def make_engine(expert: ExpertConfig, replica: int = 0) -> Engine:
+    """Build the engine named by the expert's backend for its replica `replica` (an
+    index: a mock may differ per replica); vLLM is imported only when used."""
     if expert.backend == "mock":
         from actors.engines.mock import MockEngine
 
-        return MockEngine(expert.name, expert.mock)
+        return MockEngine(expert.name, expert.mock.on_replica(replica))
     if expert.backend == "vllm":
         from actors.engines.vllm import VLLMEngine
 
