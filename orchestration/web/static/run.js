@@ -22,6 +22,8 @@ function attemptsText(result) {
   // Where each later attempt took the answer over (docs/failover.md), in characters.
   const cuts = (result.continued_from || []).filter((n) => n > 0);
   if (cuts.length) parts.push(`continued at ${cuts.join(", ")} chars`);
+  // Hedges of a slow first token (docs/hedging.md): won = the copy answered first.
+  if (result.hedges?.length) parts.push(`hedged (${result.hedges.join(", ")})`);
   if (result.retry_waits && result.retry_waits.length) {
     parts.push(`retried after ${result.retry_waits.map(Chorus.seconds).join(", ")}`);
   }
@@ -94,7 +96,8 @@ class Run {
       setState(node, "synthesizing", `synthesizing · ${data.expert}${where}`);
       return;
     }
-    setState(node, data.state, `${data.state} (attempt ${data.attempt}${where})`);
+    const state = data.hedged ? "hedged" : data.state;  // a copy of a slow first token
+    setState(node, data.state, `${state} (attempt ${data.attempt}${where})`);
     if (data.state === "retrying" && data.reason) {
       (node.querySelector(".reason") || node.querySelector(".meta")).textContent = data.reason;
     }
