@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,6 +43,8 @@ from orchestration.generation import Message, chat_turns
 from orchestration.models import ExpertTask
 from orchestration.replicas import replica_index
 from orchestration.wire import Completion
+
+EARLY_HOLDS = 256  # holds kept for attempts whose call has not started (see `hold`)
 
 
 def _request(task: ExpertTask, key: str) -> GenerationRequest:
@@ -120,6 +123,8 @@ class ExpertActor:
         self._started: asyncio.Task[None] | None = None
         # Attempts without a first token yet -> where they claim it (held), or None.
         self._tokenless: dict[str, ActorHandle | None] = {}
+        self._early_holds: OrderedDict[str, ActorHandle] = OrderedDict()  # not started yet
+        self._began: deque[str] = deque(maxlen=EARLY_HOLDS)  # attempts started here lately
         self.pid = os.getpid()
         self.node_id = ray.get_runtime_context().get_node_id()
         # Ray re-runs __init__ after a crash; this tells the restart apart from a start.
@@ -156,7 +161,8 @@ class ExpertActor:
         done = Completion(replica=self.replica)
         choices: dict[int, _Choice] = {}
         prefix_tokens = 0
-        self._tokenless[key] = gate
+        self._tokenless[key] = self._early_holds.pop(key, None) or gate
+        self._began.append(key)
         try:
             if task.prefix and not getattr(self.engine, "continues", True):
                 raise AnswerInterruptedError(
@@ -198,10 +204,17 @@ class ExpertActor:
 
     def hold(self, key: str, gate: ActorHandle) -> bool:
         """Hold attempt `key` if it has no token yet: it claims its first from `gate`.
-        False: it has a token already, or is not running here."""
-        if key not in self._tokenless:
-            return False
-        self._tokenless[key] = gate
+        False: it has a token already. An attempt whose call has not started here yet
+        (a busy process) is held when it starts; the few such holds are kept (the last
+        `EARLY_HOLDS`: one whose call never comes, cancelled on its way, is dropped)."""
+        if key in self._tokenless:
+            self._tokenless[key] = gate
+            return True
+        if key in self._began:
+            return False  # it ran here already: it has its token (or is over)
+        self._early_holds[key] = gate
+        while len(self._early_holds) > EARLY_HOLDS:
+            self._early_holds.popitem(last=False)
         return True
 
     def _completed(self, done: Completion, task: ExpertTask, choices: list[_Choice]) -> Completion:

@@ -114,8 +114,8 @@ def test_every_first_token_comes_from_the_fast_replica(url: str) -> None:
     runs = [_ask(url, "hedged") for _ in range(4)]
     won = 0
     for events, _ in runs:
-        assert _answered_by(events) == "hedged#1"
         done = events[-1][1]["primary"]
+        assert _answered_by(events) == "hedged#1", (done["replicas"], done["hedges"])
         assert done["tokens"] == TOKENS  # the winner's answer alone
         running = [data for kind, data in events if kind == "task"]
         if done["replicas"] == ["hedged#0", "hedged#1"]:  # it began on the slow one
@@ -135,6 +135,19 @@ def test_every_first_token_comes_from_the_fast_replica(url: str) -> None:
     assert stats["executor"]["in_flight_per_expert"].get("hedged", 0) == 0
     assert _tokens_out(url) - out_before == sum(e[-1][1]["primary"]["tokens"] for e, _ in runs)
     assert stats["experts"]["hedged"]["hedged"] > 0
+    _poll(lambda: _exported_hedges("hedged", "won") >= won,
+          "ray_chorus_hedges_total on Ray's Prometheus endpoint")
+
+
+def _exported_hedges(expert: str, outcome: str) -> float:
+    """`ray_chorus_hedges_total{expert, outcome}` (summed over workers) on this node."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_chorus_hedges_total{") and f'expert="{expert}"' in line
+               and f'outcome="{outcome}"' in line)
 
 
 def test_without_hedging_the_slow_replica_keeps_its_requests_waiting(url: str) -> None:
