@@ -34,6 +34,34 @@ async def _tick(rounds: int = 3) -> None:
         await asyncio.sleep(0)  # one loop step: let woken tasks run (not a timed wait)
 
 
+async def test_a_hedges_slot_is_now_or_never_and_never_ahead_of_a_waiter() -> None:
+    """`try_acquire` (a hedge, docs/hedging.md): granted at once while the expert has
+    room and nobody waits for it; never queued; charged nothing to its tenant."""
+    slots = SlotScheduler(max_in_flight=8, expert_limits={"a": 2})
+    slots.open_plan("p", 4)
+    first = await slots.acquire("a", "p", 1, tenant="t", cost=5)
+    served = slots.service["t"]
+    hedge = slots.try_acquire("a", "p", 1, tenant="t")
+    assert hedge is not None and hedge.state is WaiterState.GRANTED
+    assert (slots.total, slots.per_expert["a"], slots.service["t"]) == (2, 2, served)
+    assert slots.try_acquire("a", "p", 1, tenant="t") is None  # the expert is full
+    waiter = asyncio.ensure_future(slots.acquire("a", "p", 1, tenant="t"))
+    await _tick()
+    slots.release(hedge)  # the waiter gets it, not a new hedge
+    await _tick()
+    assert waiter.done() and slots.try_acquire("a", "p", 1) is None
+    slots.release(first)
+    again = slots.try_acquire("a", "p", 1)
+    assert slots.waiting == 0 and again is not None
+    slots.release(again)
+    slots.close_plan("p")
+    slots.open_plan("serial", 1)
+    only = await slots.acquire("a", "serial", 1)
+    assert slots.try_acquire("a", "serial", 1) is None  # the plan's own bound holds too
+    slots.release(only)
+    slots.release(waiter.result())
+
+
 async def test_waiter_cancelled_in_the_same_step_as_a_release() -> None:
     """The reproduction from issue 8: the cancelled waiter is never granted; nothing leaks."""
     slots = SlotScheduler(1, {"x": 1})
